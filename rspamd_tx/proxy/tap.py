@@ -1,0 +1,32 @@
+"""``twistd rspamd-proxy``: the proxy worker's command line and service tree.
+
+Importing this module installs no reactor; :func:`makeService` imports the
+reactor and the worker's modules when the service is built.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService
+
+from rspamd_tx.runtime import TapOptions, make_worker_tree
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(TapOptions):
+    """``twistd rspamd-proxy [--config DIR] [--var NAME=VALUE] ...``
+
+    Runs every enabled ``worker "rspamd_proxy"`` section of the configuration.
+    """
+
+    worker_type = "rspamd_proxy"
+    tapname = "rspamd-proxy"
+
+
+def makeService(options: Options) -> MultiService:
+    """The service tree of the proxy workers named by ``options``."""
+    from twisted.internet import reactor
+
+    from rspamd_tx.proxy.server import build_worker
+
+    return make_worker_tree(options, build_worker, reactor)
