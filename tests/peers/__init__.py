@@ -1,0 +1,1 @@
+"""Helpers that start real peers (Rspamd, ...) on loopback for integration tests."""

@@ -1,0 +1,515 @@
+"""Tests for rspamd_tx.upstreams.http_client: the scanner HTTP client and its pool."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from twisted.internet import error as twisted_error
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from rspamd_tx.protocols.http_codec import (
+    Data,
+    EndOfMessage,
+    Request,
+    RequestParser,
+    encode_response,
+)
+from rspamd_tx.upstreams.http_client import (
+    BadReply,
+    ConnectError,
+    ScannerClient,
+    ScannerError,
+    ScannerResponse,
+    ScannerTimeout,
+)
+from tests.peers.rspamd import skip_unless_rspamd, start_rspamd
+
+_E = TypeVar("_E", bound=BaseException)
+
+SCANNER = IPv4Address("TCP", "127.0.0.1", 11333)
+CLOSE_REPLY = encode_response(
+    200,
+    "OK",
+    [("Connection", "close"), ("Content-Type", "application/json")],
+    b'{"action":"reject"}',
+)
+KEEP_REPLY = encode_response(200, "OK", [("Connection", "keep-alive")], b"pong\r\n")
+
+
+def _accept(reactor: MemoryReactorClock, index: int = -1) -> tuple[Any, StringTransport]:
+    """Complete the pending TCP connection attempt number ``index``."""
+    host, port, factory, _timeout, _bind = reactor.tcpClients[index]
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def _result(deferred: Deferred[Any]) -> list[Any]:
+    """Collect what a Deferred fired with (a value or a Failure)."""
+    seen: list[Any] = []
+    deferred.addBoth(seen.append)
+    return seen
+
+
+class RequestTests(unittest.TestCase):
+    """One request on a fresh connection."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.client = ScannerClient(self.reactor, max_idle_per_address=1, idle_timeout=30)
+
+    def test_request_bytes(self) -> None:
+        """The request is written with headers in order and the true Content-Length."""
+        self.client.request(
+            SCANNER, "POST", "/checkv2", [("Host", "local"), ("Rcpt", "a@x")], b"msg"
+        )
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("127.0.0.1", 11333))
+        _, transport = _accept(self.reactor)
+        self.assertEqual(
+            transport.value(),
+            b"POST /checkv2 HTTP/1.1\r\nHost: local\r\nRcpt: a@x\r\nContent-Length: 3\r\n\r\nmsg",
+        )
+
+    def test_reply_delivered(self) -> None:
+        """A complete reply fires the Deferred with status, headers and body."""
+        seen = _result(self.client.request(SCANNER, "POST", "/checkv2", [], b"msg"))
+        protocol, _ = _accept(self.reactor)
+        protocol.dataReceived(CLOSE_REPLY[:30])
+        self.assertEqual(seen, [])
+        protocol.dataReceived(CLOSE_REPLY[30:])
+        [response] = seen
+        self.assertIsInstance(response, ScannerResponse)
+        self.assertEqual((response.status, response.reason), (200, "OK"))
+        self.assertEqual(response.get("content-type"), "application/json")
+        self.assertEqual(response.body, b'{"action":"reject"}')
+
+    def test_chunked_reply_joined(self) -> None:
+        """A chunked reply body is delivered de-chunked."""
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", []))
+        protocol, _ = _accept(self.reactor)
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\npo\r\n4\r\nng\r\n\r\n0\r\n\r\n"
+        )
+        self.assertEqual(seen[0].body, b"pong\r\n")
+
+    def test_close_delimited_reply(self) -> None:
+        """A reply without length completes when the scanner closes."""
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", []))
+        protocol, _ = _accept(self.reactor)
+        protocol.dataReceived(b"HTTP/1.0 200 OK\r\n\r\npong")
+        self.assertEqual(seen, [])
+        protocol.connectionLost(Failure(twisted_error.ConnectionDone()))
+        self.assertEqual(seen[0].body, b"pong")
+
+    def test_error_status_is_a_reply(self) -> None:
+        """A 5xx reply is delivered as a response, not a failure."""
+        seen = _result(self.client.request(SCANNER, "POST", "/learnspam", []))
+        protocol, _ = _accept(self.reactor)
+        protocol.dataReceived(encode_response(500, "invalid command", [("Connection", "close")]))
+        self.assertEqual((seen[0].status, seen[0].reason), (500, "invalid command"))
+
+    def test_unix_socket(self) -> None:
+        """A path string connects over a unix socket."""
+        self.client.request("/run/rspamd/normal.sock", "GET", "/ping", [], timeout=3)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.reactor.unixClients[0][0], "/run/rspamd/normal.sock")
+
+    def test_unix_address(self) -> None:
+        """A UNIXAddress connects over a unix socket."""
+        self.client.request(UNIXAddress(b"/run/rspamd/normal.sock"), "GET", "/ping", [])
+        self.assertEqual(self.reactor.unixClients[0][0], "/run/rspamd/normal.sock")
+
+    def test_ipv6_address(self) -> None:
+        """An IPv6Address connects to its literal host."""
+        self.client.request(IPv6Address("TCP", "::1", 11333), "GET", "/ping", [])
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("::1", 11333))
+
+    def test_bad_address_rejected(self) -> None:
+        """An address of an unknown kind raises ValueError."""
+        self.assertRaises(ValueError, self.client.request, 11333, "GET", "/ping", [])
+
+
+class FailureTests(unittest.TestCase):
+    """Errors, timeouts and cancellation."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.client = ScannerClient(self.reactor, max_reply=64)
+
+    def _failure(self, seen: list[Any], kind: type[_E]) -> _E:
+        self.assertEqual(len(seen), 1)
+        failure = seen[0]
+        self.assertIsInstance(failure, Failure)
+        error = failure.value
+        assert isinstance(error, kind)
+        return error
+
+    def test_connection_refused(self) -> None:
+        """A refused connection fails with ConnectError 500 'IO write error: Connection refused'."""
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", []))
+        connector = self.reactor.connectors[0]
+        self.reactor.tcpClients[0][2].clientConnectionFailed(
+            connector, Failure(twisted_error.ConnectionRefusedError())
+        )
+        error = self._failure(seen, ConnectError)
+        self.assertEqual(str(error), "500 IO write error: Connection refused")
+        self.assertTrue(error.retryable)
+
+    def test_timeout_while_connecting(self) -> None:
+        """No connection within the timeout fails with ScannerTimeout and stops connecting."""
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", [], timeout=2.0))
+        self.reactor.advance(1.9)
+        self.assertEqual(seen, [])
+        self.reactor.advance(0.1)
+        error = self._failure(seen, ScannerTimeout)
+        self.assertEqual((error.status, error.reason), (408, "IO timeout"))
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
+
+    def test_late_connection_after_timeout_closed(self) -> None:
+        """A connection completing after the request timed out is closed unused."""
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", [], timeout=1.0))
+        self.reactor.advance(1.0)
+        self._failure(seen, ScannerTimeout)
+        _, transport = _accept(self.reactor)
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+
+    def test_timeout_waiting_for_reply(self) -> None:
+        """No complete reply within the timeout fails with ScannerTimeout and aborts."""
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", [], timeout=5.0))
+        protocol, transport = _accept(self.reactor)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        self.reactor.advance(5.0)
+        self._failure(seen, ScannerTimeout)
+        self.assertTrue(transport.disconnected)
+
+    def test_timer_cancelled_after_reply(self) -> None:
+        """A completed request leaves no pending timeout."""
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", [], timeout=5.0))
+        protocol, _ = _accept(self.reactor)
+        protocol.dataReceived(CLOSE_REPLY)
+        self.assertIsInstance(seen[0], ScannerResponse)
+        self.assertEqual([call for call in self.reactor.getDelayedCalls() if call.active()], [])
+
+    def test_cancel_aborts_connection(self) -> None:
+        """Cancelling the Deferred aborts the connection and fails with CancelledError."""
+        deferred = self.client.request(SCANNER, "GET", "/ping", [])
+        seen = _result(deferred)
+        _, transport = _accept(self.reactor)
+        deferred.cancel()
+        self._failure(seen, CancelledError)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_cancel_while_connecting(self) -> None:
+        """Cancelling before the connection is up stops the connection attempt."""
+        deferred = self.client.request(SCANNER, "GET", "/ping", [])
+        seen = _result(deferred)
+        deferred.cancel()
+        self._failure(seen, CancelledError)
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
+
+    def test_malformed_reply(self) -> None:
+        """A reply that is not HTTP fails with BadReply 400."""
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", []))
+        protocol, transport = _accept(self.reactor)
+        protocol.dataReceived(b"RSPAMD/1.3 0 EX_OK\r\n")
+        error = self._failure(seen, BadReply)
+        self.assertEqual(error.status, 400)
+        self.assertTrue(error.reason.startswith("HTTP parser error"))
+        self.assertTrue(transport.disconnected)
+
+    def test_reply_too_large(self) -> None:
+        """A reply body over max_reply fails with BadReply 413."""
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", []))
+        protocol, _ = _accept(self.reactor)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 65\r\n\r\n")
+        self.assertEqual(self._failure(seen, BadReply).status, 413)
+
+    def test_closed_inside_reply(self) -> None:
+        """A connection closed before the reply ends fails with BadReply (unexpected EOF)."""
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", []))
+        protocol, _ = _accept(self.reactor)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        protocol.connectionLost(Failure(twisted_error.ConnectionDone()))
+        error = self._failure(seen, BadReply)
+        self.assertEqual(str(error), "400 IO read error: unexpected EOF")
+
+    def test_closed_without_reply(self) -> None:
+        """A clean close before any reply byte fails with BadReply (unexpected EOF)."""
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", []))
+        protocol, _ = _accept(self.reactor)
+        protocol.connectionLost(Failure(twisted_error.ConnectionDone()))
+        self.assertEqual(str(self._failure(seen, BadReply)), "400 IO read error: unexpected EOF")
+
+    def test_client_close_aborts_busy_connection(self) -> None:
+        """close() aborts a connection waiting for its reply; the request fails."""
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", []))
+        protocol, transport = _accept(self.reactor)
+        closed = _result(self.client.close())
+        self.assertTrue(transport.disconnected)
+        protocol.connectionLost(Failure(twisted_error.ConnectionAborted()))
+        self._failure(seen, BadReply)
+        self.assertEqual(closed, [None])
+
+    def test_reset_without_reply(self) -> None:
+        """A reset before any reply byte fails with BadReply 500 'HTTP IO read error'."""
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", []))
+        protocol, _ = _accept(self.reactor)
+        protocol.connectionLost(Failure(twisted_error.ConnectionLost()))
+        error = self._failure(seen, BadReply)
+        self.assertEqual(error.status, 500)
+        self.assertTrue(error.reason.startswith("HTTP IO read error"))
+
+    def test_errors_share_a_base(self) -> None:
+        """Every client error is a retryable ScannerError."""
+        for kind in (ConnectError, BadReply):
+            self.assertTrue(issubclass(kind, ScannerError))
+        self.assertTrue(ScannerTimeout().retryable)
+
+
+class PoolTests(unittest.TestCase):
+    """Connection reuse and its limits."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.client = ScannerClient(self.reactor, max_idle_per_address=1, idle_timeout=30)
+
+    def _keep_alive_exchange(self) -> tuple[Any, StringTransport]:
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", []))
+        protocol, transport = _accept(self.reactor)
+        protocol.dataReceived(KEEP_REPLY)
+        self.assertEqual(seen[0].body, b"pong\r\n")
+        return protocol, transport
+
+    def test_keep_alive_connection_reused(self) -> None:
+        """After a keep-alive reply the next request uses the same connection."""
+        protocol, transport = self._keep_alive_exchange()
+        self.assertEqual(self.client.idle_count(SCANNER), 1)
+        transport.clear()
+        seen = _result(self.client.request(SCANNER, "POST", "/checkv2", [], b"x"))
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertTrue(transport.value().startswith(b"POST /checkv2 HTTP/1.1\r\n"))
+        self.assertEqual(self.client.idle_count(SCANNER), 0)
+        protocol.dataReceived(KEEP_REPLY)
+        self.assertEqual(seen[0].status, 200)
+
+    def test_connection_close_reply_honoured(self) -> None:
+        """A Connection: close reply (Rspamd 3.4) closes the connection; the next request reconnects."""
+        seen = _result(self.client.request(SCANNER, "GET", "/ping", []))
+        protocol, transport = _accept(self.reactor)
+        protocol.dataReceived(CLOSE_REPLY)
+        self.assertEqual(seen[0].status, 200)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.client.idle_count(SCANNER), 0)
+        self.client.request(SCANNER, "GET", "/ping", [])
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_connection_close_request_not_pooled(self) -> None:
+        """A request sent with Connection: close never returns its connection to the pool."""
+        self.client.request(SCANNER, "GET", "/ping", [("Connection", "close")])
+        protocol, transport = _accept(self.reactor)
+        protocol.dataReceived(KEEP_REPLY)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.client.idle_count(SCANNER), 0)
+
+    def test_idle_bound(self) -> None:
+        """Idle connections beyond max_idle_per_address are closed."""
+        self.client.request(SCANNER, "GET", "/ping", [])
+        self.client.request(SCANNER, "GET", "/ping", [])
+        first, first_transport = _accept(self.reactor, 0)
+        second, second_transport = _accept(self.reactor, 1)
+        first.dataReceived(KEEP_REPLY)
+        second.dataReceived(KEEP_REPLY)
+        self.assertEqual(self.client.idle_count(SCANNER), 1)
+        self.assertFalse(first_transport.disconnecting)
+        self.assertTrue(second_transport.disconnecting)
+
+    def test_idle_timeout(self) -> None:
+        """An idle connection is closed after idle_timeout seconds."""
+        _, transport = self._keep_alive_exchange()
+        self.reactor.advance(29)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.client.idle_count(SCANNER), 0)
+
+    def test_closed_idle_connection_dropped(self) -> None:
+        """An idle connection closed by the scanner leaves the pool."""
+        protocol, _ = self._keep_alive_exchange()
+        protocol.connectionLost(Failure(twisted_error.ConnectionDone()))
+        self.assertEqual(self.client.idle_count(SCANNER), 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_stale_connection_retried_once(self) -> None:
+        """A reused connection closed before any reply byte is replaced by a new one."""
+        protocol, _ = self._keep_alive_exchange()
+        seen = _result(self.client.request(SCANNER, "POST", "/checkv2", [], b"msg"))
+        protocol.connectionLost(Failure(twisted_error.ConnectionDone()))
+        self.assertEqual(seen, [])
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        fresh, transport = _accept(self.reactor)
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nmsg"))
+        fresh.dataReceived(CLOSE_REPLY)
+        self.assertEqual(seen[0].status, 200)
+
+    def test_unexpected_bytes_on_idle_connection(self) -> None:
+        """Bytes arriving on an idle connection close it."""
+        protocol, transport = self._keep_alive_exchange()
+        protocol.dataReceived(b"junk")
+        self.assertTrue(transport.disconnecting)
+
+    def test_close_closes_idle_connections(self) -> None:
+        """close() closes pooled connections and fires when they are gone."""
+        protocol, transport = self._keep_alive_exchange()
+        seen = _result(self.client.close())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(seen, [])
+        protocol.connectionLost(Failure(twisted_error.ConnectionDone()))
+        self.assertEqual(seen, [None])
+
+
+class _TinyScanner(Protocol):
+    """A minimal HTTP server answering every request with a fixed reply."""
+
+    def connectionMade(self) -> None:
+        self.parser = RequestParser()
+        self.factory.connections += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        for event in self.parser.feed(data):
+            if isinstance(event, Request):
+                self.request = event
+                self.body = b""
+            elif isinstance(event, EndOfMessage):
+                headers = [("Connection", "close" if self.factory.close else "keep-alive")]
+                body = f"{self.request.method} {self.request.target} {self.body!r}".encode()
+                self.transport.write(encode_response(200, "OK", headers, body))
+                if self.factory.close:
+                    self.transport.loseConnection()
+            elif isinstance(event, Data):
+                self.body += event.chunk
+
+
+class _TinyScannerFactory(Factory):
+    protocol = _TinyScanner
+
+    def __init__(self, close: bool) -> None:
+        self.close = close
+        self.connections = 0
+
+
+class LoopbackTests(unittest.TestCase):
+    """Against a real Twisted server on loopback."""
+
+    def _serve(self, close: bool) -> tuple[_TinyScannerFactory, int]:
+        from twisted.internet import reactor
+
+        factory = _TinyScannerFactory(close)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return factory, port.getHost().port
+
+    def _client(self) -> ScannerClient:
+        from twisted.internet import reactor
+
+        client = ScannerClient(reactor, idle_timeout=5)
+        self.addCleanup(client.close)
+        return client
+
+    @inlineCallbacks
+    def test_keep_alive_reuses_one_connection(self) -> Any:
+        """Two sequential requests to a keep-alive server share one TCP connection."""
+        factory, port = self._serve(close=False)
+        client = self._client()
+        address = IPv4Address("TCP", "127.0.0.1", port)
+        first = yield client.request(address, "POST", "/checkv2", [("Host", "local")], b"one", 5)
+        second = yield client.request(address, "GET", "/checkv2", [], b"two", 5)
+        self.assertEqual(first.body, b"POST /checkv2 b'one'")
+        self.assertEqual(second.body, b"GET /checkv2 b'two'")
+        self.assertEqual(factory.connections, 1)
+
+    @inlineCallbacks
+    def test_connection_close_server(self) -> Any:
+        """Against a server that closes after each reply every request connects anew."""
+        factory, port = self._serve(close=True)
+        client = self._client()
+        for body in (b"a", b"b"):
+            reply = yield client.request(("127.0.0.1", port), "POST", "/checkv2", [], body, 5)
+            self.assertEqual(reply.body, b"POST /checkv2 " + repr(body).encode())
+        self.assertEqual(factory.connections, 2)
+
+    @inlineCallbacks
+    def test_unix_socket(self) -> Any:
+        """Requests travel over a unix socket given as a path."""
+        from twisted.internet import reactor
+
+        path = self.mktemp()
+        factory = _TinyScannerFactory(close=True)
+        port = reactor.listenUNIX(path, factory)
+        self.addCleanup(port.stopListening)
+        reply = yield self._client().request(path, "GET", "/ping", [], timeout=5)
+        self.assertEqual(reply.body, b"GET /ping b''")
+
+    @inlineCallbacks
+    def test_refused(self) -> Any:
+        """Connecting to a closed port fails with ConnectError."""
+        from twisted.internet import reactor
+
+        factory = _TinyScannerFactory(close=True)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        number = port.getHost().port
+        yield port.stopListening()
+        with self.assertRaises(ConnectError) as caught:
+            yield self._client().request(("127.0.0.1", number), "GET", "/ping", [], timeout=5)
+        self.assertEqual(caught.exception.reason, "IO write error: Connection refused")
+
+
+GTUBE_MESSAGE = (
+    b"From: sender@example.com\r\nTo: rcpt@example.net\r\nSubject: test\r\n\r\n"
+    b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\r\n"
+)
+
+
+class RealRspamdTests(unittest.TestCase):
+    """Against a real Rspamd 3.4 normal worker (run inside ``unshare -n``)."""
+
+    skip = skip_unless_rspamd()
+    timeout = 300
+
+    @inlineCallbacks
+    def test_gtube_rejected(self) -> Any:
+        """POST /checkv2 with GTUBE gets action reject; the 3.4 Connection: close is honoured."""
+        from twisted.internet import reactor
+
+        peer = yield start_rspamd(reactor, workers=("normal",), wait_hyperscan=False)
+        self.addCleanup(peer.stop)
+        client = ScannerClient(reactor)
+        self.addCleanup(client.close)
+        address = IPv4Address("TCP", "127.0.0.1", peer.ports["normal"])
+        reply = yield client.request(
+            address,
+            "POST",
+            "/checkv2",
+            [
+                ("Host", "local"),
+                ("Connection", "keep-alive"),
+                ("From", "sender@example.com"),
+                ("Rcpt", "rcpt@example.net"),
+            ],
+            GTUBE_MESSAGE,
+            timeout=30,
+        )
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.get("Connection"), "close")
+        result = json.loads(reply.body)
+        self.assertEqual(result["action"], "reject")
+        self.assertEqual(result["messages"], {"smtp_message": "Gtube pattern"})
+        self.assertEqual(client.idle_count(address), 0)
