@@ -1,0 +1,199 @@
+"""The proxy worker as the runtime sees it: :func:`build_worker`.
+
+A :class:`ProxyWorker` wires one ``worker "rspamd_proxy"`` section together:
+
+* an :class:`~rspamd_tx.proxy.upstream_scanner.UpstreamScanner` over its
+  ``upstream`` blocks, with ``/ping`` health checks;
+* the failure policy table of its ``failure_policy { }``;
+* the stream listener: with ``milter = no`` the HTTP/legacy listener
+  (:mod:`rspamd_tx.proxy.http_listener`); with ``milter = yes`` the milter
+  listener of :mod:`rspamd_tx.proxy.milter_listener` when that module is
+  installed (else the HTTP listener, with a logged error);
+* :class:`~rspamd_tx.metrics.ProxyMetrics` fed by the balancers, served on the
+  worker's ``metrics`` address when one is configured.
+
+``reconfigure`` (SIGHUP) hands the new upstream blocks to the scanner, which
+keeps the state of upstreams that remain, and the new options and policy to
+the listener.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from rspamd_tx.config.workers import GlobalOptions, ProxyOptions
+from rspamd_tx.metrics import MetricsService, ProxyMetrics
+from rspamd_tx.proxy.failure_policy import FailurePolicyTable
+from rspamd_tx.proxy.http_listener import HttpListenerFactory
+from rspamd_tx.proxy.upstream_scanner import HealthSettings, UpstreamScanner
+from rspamd_tx.upstreams.resolve import make_resolver
+
+if TYPE_CHECKING:
+    from rspamd_tx.config.workers import Config, WorkerConfig
+
+__all__ = [
+    "MILTER_MODULE",
+    "ProxyFactory",
+    "ProxyWorker",
+    "ScannerService",
+    "build_worker",
+]
+
+log = Logger()
+
+#: The module providing ``MilterFactory(scanner, options, policy, reactor)``.
+MILTER_MODULE = "rspamd_tx.proxy.milter_listener"
+
+
+class ScannerService(Service):
+    """Runs an :class:`UpstreamScanner`: resolves names on start, closes connections on stop."""
+
+    def __init__(self, scanner: UpstreamScanner) -> None:
+        self.scanner = scanner
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self.scanner.start()
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return self.scanner.stop()
+
+
+class ProxyFactory(HttpListenerFactory):
+    """An HTTP listener with no upstream: answers ``/ping``; scans get ``404 Backend not found``."""
+
+    def __init__(self, clock: Any) -> None:
+        options = ProxyOptions()
+        super().__init__(
+            UpstreamScanner(options, GlobalOptions(), clock), options, FailurePolicyTable(), clock
+        )
+
+
+def _resolver(reactor: Any) -> Any:
+    name_resolver = getattr(reactor, "nameResolver", None)
+    return make_resolver(name_resolver) if name_resolver is not None else None
+
+
+class ProxyWorker:
+    """The proxy's :class:`rspamd_tx.runtime.WorkerBuilder`.
+
+    Attributes:
+        scanner: the upstream scanner.
+        policy: the failure policy table.
+        metrics: this process's metrics.
+        factory: the stream listener's factory.
+    """
+
+    def __init__(self, config: Config | None, worker: WorkerConfig | None, reactor: Any) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.worker = worker
+        options = _proxy_options(worker)
+        global_options = config.options if config is not None else GlobalOptions()
+        self.options = options
+        self.metrics = ProxyMetrics()
+        self.policy = FailurePolicyTable.from_options(options.failure_policy)
+        self.scanner = UpstreamScanner(
+            options,
+            global_options,
+            reactor,
+            resolver=_resolver(reactor),
+            health=HealthSettings(),
+        )
+        self.scanner.add_observer(self.metrics.observe)
+        self._track_upstreams()
+        self._health = MultiService()
+        for checker in self.scanner.health_checkers():
+            self._add_health(checker)
+        self._milter = options.milter
+        self.factory = self._listener_factory(options)
+
+    def _add_health(self, checker: IService) -> None:
+        checker.setServiceParent(self._health)
+
+    def _upstream_names(self) -> set[tuple[str, str]]:
+        return {
+            (block, upstream.name)
+            for block, balancer in self.scanner.balancers().items()
+            for upstream in balancer.upstreams
+        }
+
+    def _track_upstreams(self) -> None:
+        for name, balancer in self.scanner.balancers().items():
+            self.metrics.track(name, balancer)
+
+    def _listener_factory(self, options: ProxyOptions) -> IProtocolFactory:
+        if options.milter:
+            if importlib.util.find_spec(MILTER_MODULE) is not None:
+                module = importlib.import_module(MILTER_MODULE)
+                factory: IProtocolFactory = module.MilterFactory(
+                    self.scanner, options, self.policy, self.reactor
+                )
+                return factory
+            log.error("milter = yes but the milter listener is not installed; serving HTTP instead")
+        return HttpListenerFactory(self.scanner, options, self.policy, self.reactor, metrics=self.metrics)
+
+    def stream_factory(self) -> IProtocolFactory:
+        return self.factory
+
+    def datagram_protocol(self) -> DatagramProtocol | None:
+        return None
+
+    def services(self) -> list[IService]:
+        """The scanner, its health checks and, with ``metrics`` set, the metrics endpoint."""
+        services: list[IService] = [ScannerService(self.scanner), self._health]
+        if self.options.metrics:
+            services.append(MetricsService(self.options.metrics, self.metrics.registry, self.reactor))
+        return services
+
+    def reconfigure(self, config: Config, worker: WorkerConfig) -> None:
+        """Take new options: upstream lists swapped keeping state, new policy and listener options."""
+        self.config = config
+        self.worker = worker
+        options = _proxy_options(worker)
+        self.options = options
+        self.policy = FailurePolicyTable.from_options(options.failure_policy)
+        before = self._upstream_names()
+        for checker in self.scanner.update(options, config.options):
+            self._add_health(checker)
+        for checker in list(self._health):
+            if checker not in self.scanner.health_checkers():
+                checker.disownServiceParent()
+        for block, upstream in before - self._upstream_names():
+            self.metrics.forget(block, upstream)
+        self._track_upstreams()
+        update = getattr(self.factory, "update", None)
+        if update is not None:
+            update(options, self.policy)
+        if options.milter != self._milter:
+            log.warn("switching between milter and HTTP takes effect on restart")
+
+    def drain(self) -> Deferred[None]:
+        drain = getattr(self.factory, "drain", None)
+        if drain is None:
+            return succeed(None)
+        result: Deferred[None] = drain()
+        return result
+
+
+def _proxy_options(worker: WorkerConfig | None) -> ProxyOptions:
+    if worker is None:
+        return ProxyOptions()
+    options = worker.options
+    if not isinstance(options, ProxyOptions):
+        raise TypeError(f"worker {worker.type!r} has no proxy options")
+    return options
+
+
+def build_worker(config: Config | None, worker: WorkerConfig | None, reactor: Any) -> ProxyWorker:
+    """The builder serving one ``rspamd_proxy`` worker (defaults when ``config`` is ``None``)."""
+    return ProxyWorker(config, worker, reactor)
