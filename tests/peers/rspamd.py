@@ -59,6 +59,7 @@ Run integration tests in a private network namespace
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import re
@@ -303,11 +304,26 @@ def _chown_tree(path: str, uid: int, gid: int) -> None:
             os.chown(os.path.join(root, name), uid, gid)
 
 
-def _hs_cache_dir(uid: int | None, gid: int | None) -> str:
-    cache = os.environ.get("RSPAMD_TX_HS_CACHE", DEFAULT_HS_CACHE)
+def _hs_cache_dir(
+    uid: int | None, gid: int | None, local: Mapping[str, str], override: Mapping[str, str]
+) -> str:
+    """The hyperscan cache directory for one configuration.
+
+    Rspamd's hs_helper deletes every cached database its own configuration does not use, so
+    peers started with different rules must not share a directory: each distinct set of
+    ``local.d``/``override.d`` texts (before port substitution, so it is stable between runs)
+    gets its own subdirectory of ``$RSPAMD_TX_HS_CACHE``.
+    """
+    digest = hashlib.sha256()
+    for name, text in sorted(local.items()) + [("", "")] + sorted(override.items()):
+        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+    base = os.environ.get("RSPAMD_TX_HS_CACHE", DEFAULT_HS_CACHE)
+    cache = os.path.join(base, digest.hexdigest()[:16])
     os.makedirs(cache, exist_ok=True)
-    if uid is not None and gid is not None and os.stat(cache).st_uid != uid:
-        os.chown(cache, uid, gid)
+    if uid is not None and gid is not None:
+        for path in (base, cache):
+            if os.stat(path).st_uid != uid:
+                os.chown(path, uid, gid)
     return cache
 
 
@@ -482,7 +498,9 @@ async def _start(
     directory = tempfile.mkdtemp(prefix="rspamd-tx-peer-")
     os.chmod(directory, 0o755)
     ports = {worker: int(chosen_ports.get(worker) or free_port()) for worker in workers}
-    _build_config(directory, ports, local, override, worker_options, _hs_cache_dir(uid, gid))
+    _build_config(
+        directory, ports, local, override, worker_options, _hs_cache_dir(uid, gid, local, override)
+    )
     if uid is not None and gid is not None:
         _chown_tree(directory, uid, gid)
     args = [
