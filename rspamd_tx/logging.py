@@ -140,6 +140,8 @@ class TaggedLogger(Logger):
 
     def emit(self, level: LogLevel, format: str | None = None,
              **kwargs: object) -> None:
+        """Emit like :meth:`Logger.emit`, with ``log_tag`` set to the tag
+        unless the caller gave one."""
         kwargs.setdefault("log_tag", self.tag)
         super().emit(level, format, **kwargs)
 

@@ -12,8 +12,9 @@ reloads the configuration on ``SIGHUP`` and stops gracefully.
 passes them to its children.
 
 The ``twistd`` taps share :class:`TapOptions` (command line, configuration
-loading and checking) and :func:`make_worker_tree` (the service tree, rooted
-in a :class:`WorkerTree` that sets up logging and stop signals).
+loading and checking) and :func:`make_tap_service`, which builds the service
+tree (:func:`make_worker_tree`, rooted in a :class:`WorkerTree` that sets up
+logging and stop signals) on the global reactor.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from rspamd_tx.config.bind import (
     describe_socket,
     open_listen_sockets,
     parse_bind_lines,
+    socket_from_descriptor,
 )
 from rspamd_tx.config.tree import ConfigError
 from rspamd_tx.logging import LogObserver, LogSettings, make_observer
@@ -72,6 +74,7 @@ __all__ = [
     "TapOptions",
     "WorkerTree",
     "make_worker_tree",
+    "make_tap_service",
 ]
 
 log = Logger()
@@ -133,17 +136,8 @@ def inherited_sockets(fds: Sequence[int]) -> SocketSource:
     """
 
     def adopt(kinds: Collection[SocketKind]) -> list[socket.socket]:
-        sockets = []
-        for fd in fds:
-            try:
-                sock = socket.socket(fileno=fd)
-            except OSError as e:
-                raise ConfigError(f"inherited descriptor {fd}: "
-                                  f"{e.strerror or e}") from e
-            os.set_inheritable(fd, False)
-            sock.setblocking(False)
-            sockets.append(sock)
-        return sockets
+        return [socket_from_descriptor(fd, f"inherited descriptor {fd}")
+                for fd in fds]
 
     return adopt
 
@@ -244,7 +238,7 @@ class WorkerService(MultiService):
         install_signal: SignalInstaller = install_signal_handler,
         limits: Callable[[WorkerConfig], None] = apply_limits,
     ) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self._apply_limits = limits
         self.config = config
         self.worker = worker
@@ -264,9 +258,15 @@ class WorkerService(MultiService):
             child.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
+        """Apply the resource limits and take the listening sockets (before
+        ``twistd`` drops privileges), then start the children's privileged part.
+
+        @raise ConfigError: a socket cannot be opened, inherited or adopted
+            (see :mod:`rspamd_tx.config.bind`); the ones taken are closed.
+        """
         self._apply_limits(self.worker)
         self._listen()
-        super().privilegedStartService()
+        MultiService.privilegedStartService(self)
 
     def _listen(self) -> None:
         factory = self.builder.stream_factory()
@@ -302,12 +302,18 @@ class WorkerService(MultiService):
                      address=describe_socket(sock))
 
     def startService(self) -> None:
+        """Listen (unless :meth:`privilegedStartService` did), install the
+        ``SIGHUP`` reload handler when reloading is possible and start the
+        children.
+
+        @raise ConfigError: as :meth:`privilegedStartService`.
+        """
         if not self._listening:
             self._listen()
         if self._reload is not None and self._restore_signal is None:
             self._restore_signal = self._install_signal(
                 self.reactor, signal.SIGHUP, self.reload)
-        super().startService()
+        MultiService.startService(self)
 
     def reload(self) -> bool:
         """Re-read the configuration and hand it to the builder.
@@ -351,6 +357,12 @@ class WorkerService(MultiService):
         return True
 
     def stopService(self) -> Deferred[None]:
+        """Stop listening, wait for the builder's drain (at most the drain
+        timeout), then stop the children.
+
+        @return: fires with None once the children have stopped; a listener
+            that fails to stop does not hold up the rest.
+        """
         if self._restore_signal is not None:
             self._restore_signal()
             self._restore_signal = None
@@ -359,7 +371,7 @@ class WorkerService(MultiService):
         d: Deferred[Any] = defer.gatherResults(stopping, consumeErrors=True)
         d.addBoth(lambda _: self._close_sockets())
         d.addCallback(lambda _: self._drain())
-        d.addCallback(lambda _: super(WorkerService, self).stopService())
+        d.addCallback(lambda _: MultiService.stopService(self))
         d.addCallback(lambda _: None)
         return d
 
@@ -427,7 +439,7 @@ class TapOptions(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        usage.Options.__init__(self)
         self["var"] = {}
         self.config: Config | None = None
         self.workers: list[tuple[int, WorkerConfig, list[ListenSpec]]] = []
@@ -453,6 +465,14 @@ class TapOptions(usage.Options):
                                         variables=dict(self["var"])))
 
     def postOptions(self) -> None:
+        """Load and check the configuration; fill :attr:`config`,
+        :attr:`workers`, :attr:`warnings` and :attr:`log_settings`.
+
+        @raise usage.UsageError: the configuration cannot be read, has errors,
+            a worker of this type has an unusable or no ``bind_socket``, the
+            logging settings are unusable, or the internal supervisor options
+            are not numbers.
+        """
         if self["config"] is not None:
             self["config"] = os.path.abspath(self["config"])
         if self["inherited-fds"] is not None:
@@ -539,18 +559,22 @@ class WorkerTree(MultiService):
 
     def __init__(self, log_observer: LogObserver | None = None,
                  reactor: Any = None) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.log_observer = log_observer
         self.reactor = reactor
         self._restore_signals: list[Callable[[], None]] = []
 
     def setServiceParent(self, parent: Any) -> None:
+        """Attach to ``parent``; a componentized parent (a ``twistd``
+        application) also gets :attr:`log_observer` as its ``ILogObserver``."""
         if self.log_observer is not None and isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self.log_observer)
-        super().setServiceParent(parent)
+        MultiService.setServiceParent(self, parent)
 
     def startService(self) -> None:
-        super().startService()
+        """Start the children; with a reactor, install the signal handlers
+        once the reactor has started (:meth:`install_signals`)."""
+        MultiService.startService(self)
         if self.reactor is not None:
             self.reactor.addSystemEventTrigger("after", "startup",
                                                self.install_signals)
@@ -587,10 +611,26 @@ class WorkerTree(MultiService):
                 reopen()
 
     def stopService(self) -> Deferred[None] | None:
+        """Restore the signal handlers and stop the children.
+
+        @return: fires once every child has stopped.
+        """
         restore, self._restore_signals = self._restore_signals, []
         for undo in restore:
             undo()
-        return super().stopService()
+        stopped: Deferred[None] | None = MultiService.stopService(self)
+        return stopped
+
+
+def make_tap_service(options: TapOptions, build: BuildWorker) -> WorkerTree:
+    """A tap's ``makeService``: :func:`make_worker_tree` on the global reactor.
+
+    The reactor is imported here, when the service is built, so importing a
+    tap installs none.
+    """
+    from twisted.internet import reactor
+
+    return make_worker_tree(options, build, reactor)
 
 
 def make_worker_tree(options: TapOptions, build: BuildWorker,
@@ -610,14 +650,15 @@ def make_worker_tree(options: TapOptions, build: BuildWorker,
     for warning in options.warnings:
         log.warn("{diagnostic}", diagnostic=str(warning))
     inherited = options["inherited-fds"]
+    children: list[IService] = []
     for index, worker, specs in options.workers:
         if inherited is not None:
             if index != options["worker-index"]:
                 continue
-            WorkerService(config, worker, build, reactor,
-                          inherited_sockets(inherited), reload=options.load,
-                          worker_index=index).setServiceParent(tree)
-            ParentWatch(reactor).setServiceParent(tree)
+            children.append(WorkerService(
+                config, worker, build, reactor, inherited_sockets(inherited),
+                reload=options.load, worker_index=index))
+            children.append(ParentWatch(reactor))
         elif process_count(worker) > 1:
             probe = build(config, worker, reactor)
             kinds = set()
@@ -625,14 +666,15 @@ def make_worker_tree(options: TapOptions, build: BuildWorker,
                 kinds.add(SocketKind.STREAM)
             if probe.datagram_protocol() is not None:
                 kinds.add(SocketKind.DATAGRAM)
-            Supervisor(f"{worker.type}#{index}", process_count(worker), kinds,
-                       bound_sockets(specs),
-                       _child_command(options, index), reactor,
-                       ).setServiceParent(tree)
+            children.append(Supervisor(
+                f"{worker.type}#{index}", process_count(worker), kinds,
+                bound_sockets(specs), _child_command(options, index), reactor))
         else:
-            WorkerService(config, worker, build, reactor, bound_sockets(specs),
-                          reload=options.load,
-                          worker_index=index).setServiceParent(tree)
+            children.append(WorkerService(
+                config, worker, build, reactor, bound_sockets(specs),
+                reload=options.load, worker_index=index))
+    for child in children:
+        child.setServiceParent(tree)
     return tree
 
 

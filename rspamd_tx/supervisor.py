@@ -113,17 +113,26 @@ class Supervisor(Service):
         self._stopping: Deferred[None] | None = None
 
     def privilegedStartService(self) -> None:
+        """Bind the listening sockets (before ``twistd`` drops privileges).
+
+        @raise ConfigError: a socket cannot be opened.
+        """
         self._sockets = self._open_sockets(self.kinds)
         for sock in self._sockets:
             log.info("{worker} listening on {address} for {count} processes",
                      worker=self.name, address=describe_socket(sock),
                      count=self.count)
-        super().privilegedStartService()
+        Service.privilegedStartService(self)
 
     def startService(self) -> None:
+        """Bind the sockets unless already bound, forward ``SIGHUP`` to the
+        children and start ``count`` of them.
+
+        @raise ConfigError: a socket cannot be opened.
+        """
         if not self._sockets:
             self._sockets = self._open_sockets(self.kinds)
-        super().startService()
+        Service.startService(self)
         self._stopping = None
         self._restore_signal = self._install_signal(
             self.reactor, signal.SIGHUP, self.forward_reload)
@@ -187,7 +196,12 @@ class Supervisor(Service):
                     raise
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        """Send the children ``SIGTERM`` (``SIGKILL`` after the stop timeout)
+        and close the sockets once all have exited.
+
+        @return: fires with None when no child is left.
+        """
+        Service.stopService(self)
         if self._restore_signal is not None:
             self._restore_signal()
             self._restore_signal = None
@@ -234,12 +248,16 @@ class ParentWatch(Service):
         self.fd = fd
 
     def fileno(self) -> int:
+        """The watched descriptor (the reactor's ``IFileDescriptor``)."""
         return self.fd
 
     def logPrefix(self) -> str:
+        """The prefix of the reactor's log lines about this reader."""
         return "ParentWatch"
 
     def doRead(self) -> None:
+        """Stop the reactor when the pipe reports end of file (the supervisor
+        has gone); anything read is ignored."""
         try:
             data = os.read(self.fd, 4096)
         except BlockingIOError:
@@ -255,11 +273,16 @@ class ParentWatch(Service):
         """Called by the reactor when it drops this reader."""
 
     def startService(self) -> None:
-        super().startService()
+        """Start watching the descriptor."""
+        Service.startService(self)
         os.set_blocking(self.fd, False)
         self.reactor.addReader(self)
 
     def stopService(self) -> Deferred[None] | None:
-        super().stopService()
+        """Stop watching.
+
+        @return: an already fired Deferred.
+        """
+        Service.stopService(self)
         self.reactor.removeReader(self)
         return defer.succeed(None)

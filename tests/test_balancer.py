@@ -13,7 +13,11 @@ from hypothesis import strategies as st
 from twisted.internet import defer, utils
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IHostnameResolver, IResolutionReceiver
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IHostResolution,
+    IResolutionReceiver,
+)
 from twisted.internet.task import Clock
 from twisted.names import dns
 from twisted.python.failure import Failure
@@ -76,6 +80,12 @@ class FakeResolver:
     def count(self, host: str) -> int:
         """Return how many times ``host`` was queried."""
         return sum(1 for _, h in self.queries if h == host)
+
+
+def host_of(address: Address) -> str:
+    """The host of an IP address (these tests resolve no unix upstream)."""
+    assert not isinstance(address, UNIXAddress)
+    return address.host
 
 
 def make(
@@ -938,7 +948,7 @@ class CallTests(unittest.TestCase):
     def test_success(self) -> None:
         """A successful attempt yields CallResult with value, upstream, tried."""
         balancer, _ = make(TWO)
-        result = self.successResultOf(balancer.call(lambda a: defer.succeed(a.host), timeout=5, max_retries=3))
+        result = self.successResultOf(balancer.call(lambda a: defer.succeed(host_of(a)), timeout=5, max_retries=3))
         self.assertIsInstance(result, CallResult)
         self.assertEqual((result.value, result.upstream, result.tried), ("127.0.0.1", "127.0.0.1:1", ["127.0.0.1:1"]))
 
@@ -952,7 +962,7 @@ class CallTests(unittest.TestCase):
         balancer, clock = make("127.0.0.1:1,127.0.0.2:1,127.0.0.3:1")
 
         def fn(address: Address) -> "defer.Deferred[str]":
-            if address.host == "127.0.0.1":
+            if host_of(address) == "127.0.0.1":
                 return defer.fail(ConnectionRefusedError())
             return defer.succeed("ok")
 
@@ -978,7 +988,7 @@ class CallTests(unittest.TestCase):
         attempts: list[str] = []
 
         def fn(address: Address) -> "defer.Deferred[None]":
-            attempts.append(address.host)
+            attempts.append(host_of(address))
             return defer.fail(OSError("refused"))
 
         d = balancer.call(fn, timeout=5, max_retries=5)
@@ -995,7 +1005,7 @@ class CallTests(unittest.TestCase):
         attempts: list[str] = []
 
         def fn(address: Address) -> "defer.Deferred[None]":
-            attempts.append(address.host)
+            attempts.append(host_of(address))
             return defer.fail(OSError("refused"))
 
         d = balancer.call(fn, timeout=5, max_retries=3)
@@ -1043,7 +1053,7 @@ class CallTests(unittest.TestCase):
         cancelled: list[str] = []
 
         def fn(address: Address) -> "defer.Deferred[str]":
-            if address.host == "127.0.0.1":  # type: ignore[union-attr]
+            if host_of(address) == "127.0.0.1":
                 return defer.Deferred(lambda _: cancelled.append("127.0.0.1"))
             return defer.succeed("second")
 
@@ -1062,7 +1072,7 @@ class CallTests(unittest.TestCase):
     def test_attempt_timeouts_exhaust_retries(self) -> None:
         """When every attempt hangs, the call fails with AttemptTimeout as last failure."""
         balancer, clock = make(TWO)
-        d = balancer.call(lambda a: defer.Deferred(), timeout=100, max_retries=3, attempt_timeout=2)
+        d = balancer.call(lambda a: defer.Deferred[None](), timeout=100, max_retries=3, attempt_timeout=2)
         clock.pump([1] * 7)
         failure = self.failureResultOf(d, AllAttemptsFailed)
         self.assertEqual(len(failure.value.tried), 3)
@@ -1071,7 +1081,7 @@ class CallTests(unittest.TestCase):
     def test_timeout_counts_as_failure(self) -> None:
         """A timed-out attempt counts as an error of its upstream."""
         balancer, clock = make(TWO)
-        d = balancer.call(lambda a: defer.Deferred(), timeout=3, max_retries=5)
+        d = balancer.call(lambda a: defer.Deferred[None](), timeout=3, max_retries=5)
         clock.advance(3)
         self.failureResultOf(d, UpstreamTimeout)
         self.assertEqual(balancer.upstreams[0].errors, 1)
@@ -1143,7 +1153,8 @@ class CallTests(unittest.TestCase):
         """Cancelling the call's Deferred cancels the attempt and counts nothing."""
         balancer, clock = make(TWO)
         cancelled: list[bool] = []
-        d = balancer.call(lambda a: defer.Deferred(lambda _: cancelled.append(True)), timeout=3, max_retries=2)
+        d = balancer.call(lambda a: defer.Deferred[None](lambda _: cancelled.append(True)),
+                          timeout=3, max_retries=2)
         d.cancel()
         self.failureResultOf(d, defer.CancelledError)
         self.assertEqual(cancelled, [True])
@@ -1250,7 +1261,7 @@ class SimulationTests(unittest.TestCase):
 
         def fn(address: Address) -> "defer.Deferred[str]":
             d: defer.Deferred[str] = defer.Deferred()
-            host = address.host
+            host = host_of(address)
 
             def answer() -> None:
                 if host == "127.0.0.1" and 10 <= clock.seconds() < 30:
@@ -1304,13 +1315,25 @@ class FakeNameResolver:
         portNumber: int = 0,
         addressTypes: object = None,
         transportSemantics: str = "TCP",
-    ) -> IResolutionReceiver:
-        resolutionReceiver.resolutionBegan(None)  # type: ignore[arg-type]
+    ) -> IHostResolution:
+        resolution = FakeResolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
         for ip in self.table.get(hostName, []):
             kind = IPv6Address if ":" in ip else IPv4Address
             resolutionReceiver.addressResolved(kind("TCP", ip, portNumber))
         resolutionReceiver.resolutionComplete()
-        return resolutionReceiver
+        return resolution
+
+
+@implementer(IHostResolution)
+class FakeResolution:
+    """The IHostResolution of one FakeNameResolver lookup."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        """Nothing to cancel: FakeNameResolver answers at once."""
 
 
 class FakeSrvResolver:

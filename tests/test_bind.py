@@ -10,15 +10,19 @@ import stat
 import subprocess
 import sys
 import textwrap
+from collections.abc import Generator, Sequence
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorUNIX
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
 from twisted.trial import unittest
 
 from rspamd_tx.config.bind import (
     DEFAULT_BIND_PORT,
     InetListen,
+    ListenSpec,
     SocketKind,
     SystemdListen,
     UnixListen,
@@ -60,7 +64,7 @@ def fake_groups(name: str) -> grp.struct_group:
     return grp.struct_group(("mail", "x", 8, []))
 
 
-def parse(line: str, default_port: int = DEFAULT_BIND_PORT) -> list[object]:
+def parse(line: str, default_port: int = DEFAULT_BIND_PORT) -> list[ListenSpec]:
     return parse_bind_line(line, default_port=default_port,
                            resolve=fake_resolve, users=fake_users,
                            groups=fake_groups)
@@ -123,7 +127,9 @@ class ParseTests(unittest.TestCase):
         """A worker's lines are parsed together and repeats are kept once."""
         specs = parse_bind_lines(["localhost:1", "127.0.0.1:1", "[::1]:2"],
                                  resolve=fake_resolve)
-        self.assertEqual([(s.address, s.port) for s in specs],
+        inet = [s for s in specs if isinstance(s, InetListen)]
+        self.assertEqual(inet, specs)
+        self.assertEqual([(s.address, s.port) for s in inet],
                          [("127.0.0.1", 1), ("::1", 1), ("::1", 2)])
 
     def test_real_localhost(self) -> None:
@@ -175,9 +181,9 @@ class ParseErrorTests(unittest.TestCase):
 class BindTests(unittest.TestCase):
     """Specs become bound sockets on loopback."""
 
-    def open(self, specs: list[object], kinds: set[SocketKind],
-             **kwargs: object) -> list[socket.socket]:
-        sockets = open_listen_sockets(specs, kinds, **kwargs)  # type: ignore
+    def open(self, specs: Sequence[ListenSpec], kinds: set[SocketKind],
+             **kwargs: Any) -> list[socket.socket]:
+        sockets = open_listen_sockets(specs, kinds, **kwargs)
         for sock in sockets:
             self.addCleanup(sock.close)
         return sockets
@@ -337,6 +343,7 @@ def _collecting_factory(request: bytes, done: Deferred[bytes]) -> ClientFactory:
 
     class Collect(Protocol):
         def connectionMade(self) -> None:
+            assert self.transport is not None
             self.data = b""
             self.transport.write(request)
 
@@ -346,7 +353,9 @@ def _collecting_factory(request: bytes, done: Deferred[bytes]) -> ClientFactory:
         def connectionLost(self, reason: object = None) -> None:
             done.callback(self.data)
 
-    return ClientFactory.forProtocol(Collect)
+    factory = ClientFactory()
+    factory.protocol = Collect
+    return factory
 
 
 SYSTEMD_CHILD = textwrap.dedent("""
@@ -369,7 +378,7 @@ class AdoptTests(unittest.TestCase):
     """Bound sockets served by the reactor."""
 
     @inlineCallbacks
-    def test_stream_serves_ping(self) -> Deferred[None]:
+    def test_stream_serves_ping(self) -> Generator[Deferred[Any], Any, None]:
         """An adopted TCP socket serves the proxy's /ping."""
         sockets = open_listen_sockets(parse("127.0.0.1:0"), {SocketKind.STREAM})
         self.addCleanup(sockets[0].close)
@@ -380,7 +389,7 @@ class AdoptTests(unittest.TestCase):
         self.assertEqual((status, body), (200, b"pong\r\n"))
 
     @inlineCallbacks
-    def test_datagram_gets_own_protocol(self) -> Deferred[None]:
+    def test_datagram_gets_own_protocol(self) -> Generator[Deferred[Any], Any, None]:
         """Each datagram socket gets a fresh protocol, which receives."""
         received: Deferred[bytes] = Deferred()
 
@@ -406,7 +415,7 @@ class AdoptTests(unittest.TestCase):
         self.assertEqual((data, len(made)), (b"hello", 1))
 
     @inlineCallbacks
-    def test_unix_stream_serves_ping(self) -> Deferred[None]:
+    def test_unix_stream_serves_ping(self) -> Generator[Deferred[Any], Any, None]:
         """An adopted unix socket serves /ping and stops cleanly."""
         path = os.path.join(os.path.abspath(self.mktemp()) + ".d", "p.sock")
         os.makedirs(os.path.dirname(path))
@@ -416,11 +425,13 @@ class AdoptTests(unittest.TestCase):
         [port] = adopt_sockets(reactor, sockets, ProxyFactory(reactor), None)
         done: Deferred[bytes] = Deferred()
         factory = _collecting_factory(b"GET /ping HTTP/1.0\r\n\r\n", done)
-        reactor.connectUNIX(path, factory, timeout=10)
+        IReactorUNIX(reactor).connectUNIX(path, factory, timeout=10)
         reply = yield done.addTimeout(10, reactor)
         self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
         self.assertTrue(reply.endswith(b"\r\n\r\npong\r\n"), reply)
-        yield port.stopListening()
+        stopped = port.stopListening()
+        if stopped is not None:
+            yield stopped
 
     def test_kind_without_handler(self) -> None:
         """A datagram socket without a datagram handler is refused."""

@@ -267,7 +267,7 @@ class CommandValidationTests(unittest.TestCase):
 
     def test_out_of_range_fields(self) -> None:
         """Flag > 255, tag > u32, value > i32, wrong digest size and bad shingles are refused."""
-        bad = [
+        bad: list[dict[str, object]] = [
             dict(flag=256),
             dict(tag=2**32),
             dict(value=2**31),
@@ -278,7 +278,7 @@ class CommandValidationTests(unittest.TestCase):
             dict(shingles=SHINGLES, shingles_count=0),
         ]
         for fields in bad:
-            arguments = dict(version=4, command=0, tag=1, digest=DIGEST)
+            arguments: dict[str, object] = dict(version=4, command=0, tag=1, digest=DIGEST)
             arguments.update(fields)
             self.assertRaises(fc.FuzzyProtocolError, fc.FuzzyCommand, **arguments)
 

@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 from twisted.internet import error as twisted_error
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IReactorUNIX
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -28,6 +29,7 @@ from rspamd_tx.upstreams.http_client import (
     ScannerResponse,
     ScannerTimeout,
 )
+from tests.helpers.messages import GTUBE_MESSAGE
 from tests.peers.rspamd import skip_unless_rspamd, start_rspamd
 
 _E = TypeVar("_E", bound=BaseException)
@@ -46,6 +48,7 @@ def _accept(reactor: MemoryReactorClock, index: int = -1) -> tuple[Any, StringTr
     """Complete the pending TCP connection attempt number ``index``."""
     host, port, factory, _timeout, _bind = reactor.tcpClients[index]
     protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    assert protocol is not None
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport
@@ -389,6 +392,7 @@ class _TinyScanner(Protocol):
                 self.request = event
                 self.body = b""
             elif isinstance(event, EndOfMessage):
+                assert self.transport is not None
                 headers = [("Connection", "close" if self.factory.close else "keep-alive")]
                 body = f"{self.request.method} {self.request.target} {self.body!r}".encode()
                 self.transport.write(encode_response(200, "OK", headers, body))
@@ -398,7 +402,7 @@ class _TinyScanner(Protocol):
                 self.body += event.chunk
 
 
-class _TinyScannerFactory(Factory):
+class _TinyScannerFactory(ServerFactory):
     protocol = _TinyScanner
 
     def __init__(self, close: bool) -> None:
@@ -415,7 +419,9 @@ class LoopbackTests(unittest.TestCase):
         factory = _TinyScannerFactory(close)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        return factory, port.getHost().port
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        return factory, address.port
 
     def _client(self) -> ScannerClient:
         from twisted.internet import reactor
@@ -453,7 +459,7 @@ class LoopbackTests(unittest.TestCase):
 
         path = self.mktemp()
         factory = _TinyScannerFactory(close=True)
-        port = reactor.listenUNIX(path, factory)
+        port = IReactorUNIX(reactor).listenUNIX(path, factory)
         self.addCleanup(port.stopListening)
         reply = yield self._client().request(path, "GET", "/ping", [], timeout=5)
         self.assertEqual(reply.body, b"GET /ping b''")
@@ -465,17 +471,13 @@ class LoopbackTests(unittest.TestCase):
 
         factory = _TinyScannerFactory(close=True)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        number = port.getHost().port
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        number = address.port
         yield port.stopListening()
         with self.assertRaises(ConnectError) as caught:
             yield self._client().request(("127.0.0.1", number), "GET", "/ping", [], timeout=5)
         self.assertEqual(caught.exception.reason, "IO write error: Connection refused")
-
-
-GTUBE_MESSAGE = (
-    b"From: sender@example.com\r\nTo: rcpt@example.net\r\nSubject: test\r\n\r\n"
-    b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\r\n"
-)
 
 
 class RealRspamdTests(unittest.TestCase):

@@ -12,7 +12,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.trial import unittest
 
 import rspamd_tx
@@ -857,6 +858,7 @@ class _CaptureServer(Protocol):
         events = self.parser.feed(data)
         self.events.extend(events)
         if any(isinstance(event, EndOfMessage) for event in events):
+            assert self.transport is not None
             body = (
                 b'{"is_skipped":true,"score":15.0,"required_score":15.0,"action":"reject",'
                 b'"symbols":{"GTUBE":{"name":"GTUBE","score":0.0}},"messages":{},'
@@ -871,7 +873,7 @@ class _CaptureServer(Protocol):
             self.factory.captured.callback(_merge(self.events))
 
 
-class _CaptureFactory(Factory):
+class _CaptureFactory(ServerFactory):
     """Builds capture servers; ``captured`` fires with the first request's events."""
 
     protocol = _CaptureServer
@@ -894,6 +896,8 @@ class RealRspamcTests(unittest.TestCase):
         factory = _CaptureFactory()
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
         path = self.mktemp()
         with open(path, "wb") as message:
             message.write(MESSAGE)
@@ -901,7 +905,7 @@ class RealRspamcTests(unittest.TestCase):
             reactor,
             [
                 "-h",
-                f"127.0.0.1:{port.getHost().port}",
+                f"127.0.0.1:{address.port}",
                 "-t",
                 "10",
                 "-i",

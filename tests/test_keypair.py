@@ -148,7 +148,7 @@ class ConfigFormTests(unittest.TestCase):
 
     def test_not_an_object(self) -> None:
         """A non-object is refused."""
-        self.assertRaises(KeypairError, Keypair.from_ucl, "keypair")  # type: ignore[arg-type]
+        self.assertRaises(KeypairError, Keypair.from_ucl, "keypair")
 
 
 class PublicKeyTests(unittest.TestCase):

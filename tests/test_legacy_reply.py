@@ -21,6 +21,7 @@ from rspamd_tx.protocols.legacy_reply import (
     spamc_body,
 )
 from rspamd_tx.upstreams.http_client import ScannerClient
+from tests.helpers.messages import GTUBE_MESSAGE
 from tests.peers.rspamd import skip_unless_rspamd, start_rspamd
 
 # The observed 3.4 reply of http-protocol.md section 5.3 (two symbols kept).
@@ -233,6 +234,7 @@ class _RawExchange(Protocol):
         self.done: Deferred[bytes] = Deferred()
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(self.request)
 
     def dataReceived(self, data: bytes) -> None:
@@ -259,12 +261,6 @@ SCAN_MESSAGE = (
     b"From: Sender <sender@example.com>\r\nTo: rcpt@example.net\r\nSubject: hello\r\n"
     b"Message-ID: <t1@example.com>\r\nDate: Mon, 23 Nov 2026 17:00:00 +0000\r\n\r\n"
     b"Hello, see http://example.com/ for details.\r\n"
-)
-
-
-GTUBE_MESSAGE = (
-    b"From: sender@example.com\r\nTo: rcpt@example.net\r\nSubject: test\r\n\r\n"
-    b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\r\n"
 )
 
 

@@ -6,8 +6,9 @@ import io
 import json
 import os
 from dataclasses import dataclass
+from typing import cast
 
-from twisted.logger import LogLevel, LogPublisher
+from twisted.logger import ILogObserver, LogLevel, LogPublisher
 from twisted.trial import unittest
 
 from rspamd_tx.config.tree import ConfigError
@@ -179,7 +180,7 @@ class TaggedLoggerTests(unittest.TestCase):
         """Every level emitted through the logger carries the tag."""
         events: list[dict[str, object]] = []
         logger = tagged_logger("4Bxq1", "rspamd_tx.proxy")
-        logger.observer = events.append
+        logger.observer = cast(ILogObserver, events.append)
         logger.info("one")
         logger.error("two {x}", x=2)
         self.assertEqual([e["log_tag"] for e in events], ["4Bxq1", "4Bxq1"])
@@ -190,7 +191,7 @@ class TaggedLoggerTests(unittest.TestCase):
         """Without a tag the logger adds nothing and names the caller."""
         events: list[dict[str, object]] = []
         logger = tagged_logger(None)
-        logger.observer = events.append
+        logger.observer = cast(ILogObserver, events.append)
         logger.info("plain")
         self.assertNotIn("log_tag", events[0])
         self.assertEqual(events[0]["log_namespace"], __name__)

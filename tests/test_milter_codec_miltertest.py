@@ -12,6 +12,7 @@ import shutil
 from typing import Any, Generator
 
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
@@ -38,10 +39,21 @@ VERDICTS: list[list[Response]] = [
 ]
 
 
+def port_number(port: IListeningPort) -> int:
+    """The TCP port ``port`` listens on."""
+    address = port.getHost()
+    assert isinstance(address, IPv4Address)
+    return address.port
+
+
 class RecordingMilter(protocol.Protocol):
     """Answers as the test dictates and records every event it decodes."""
 
-    factory: RecordingMilterFactory
+    @property
+    def shared(self) -> RecordingMilterFactory:
+        """The factory holding the test's record."""
+        assert isinstance(self.factory, RecordingMilterFactory)
+        return self.factory
 
     def connectionMade(self) -> None:
         self.milter = MilterConnection()
@@ -50,26 +62,28 @@ class RecordingMilter(protocol.Protocol):
         self.milter.receive_data(data)
         try:
             for event in self.milter:
-                self.factory.events.append(event)
+                self.shared.events.append(event)
                 self._answer(event)
         except MilterProtocolError as error:
-            self.factory.errors.append(error.reason)
+            self.shared.errors.append(error.reason)
+            assert self.transport is not None
             self.transport.loseConnection()
 
     def _answer(self, event: ServerEvent) -> None:
+        assert self.transport is not None
         if isinstance(event, HttpPing):
             self.transport.write(event.response)
             self.transport.loseConnection()
         elif isinstance(event, OptionNegotiation):
             self.transport.write(self.milter.send(negotiate(event)))
         elif isinstance(event, EndOfMessage):
-            for response in self.factory.verdicts.pop(0):
+            for response in self.shared.verdicts.pop(0):
                 self.transport.write(self.milter.send(response))
         elif isinstance(event, Quit):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: object = None) -> None:
-        self.factory.closed.callback(None)
+        self.shared.closed.callback(None)
 
 
 class RecordingMilterFactory(protocol.ServerFactory):
@@ -96,7 +110,7 @@ class MiltertestTests(unittest.TestCase):
         port: IListeningPort = reactor.listenTCP(
             0, self.factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        self.port = port.getHost().port
+        self.port = port_number(port)
 
     @defer.inlineCallbacks
     def test_two_messages(self) -> Generator[defer.Deferred[Any], Any, None]:
@@ -161,7 +175,7 @@ class HttpPingTests(unittest.TestCase):
         factory = RecordingMilterFactory([])
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        received = yield _http_get(port.getHost().port, b"GET /ping HTTP/1.1\r\n\r\n")
+        received = yield _http_get(port_number(port), b"GET /ping HTTP/1.1\r\n\r\n")
         self.assertEqual(received, HTTP_PING_RESPONSE)
         self.assertEqual(factory.events, [HttpPing()])
 
@@ -173,6 +187,7 @@ class _Collect(protocol.Protocol):
         self.data = b""
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(self.request)
 
     def dataReceived(self, data: bytes) -> None:

@@ -73,7 +73,7 @@ class DiscoveryTests(unittest.TestCase):
                          result.stderr)
 
     def mktemp_dir(self) -> str:
-        path = os.path.abspath(self.mktemp())
+        path: str = os.path.abspath(self.mktemp())
         os.makedirs(path)
         return path
 

@@ -7,7 +7,7 @@ import resource
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -15,7 +15,7 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -46,14 +46,14 @@ class Builder:
 
     def __init__(self, config: Any, worker: Any, reactor: Any) -> None:
         self.worker = worker
-        self.factory = Factory.forProtocol(Protocol)
+        self.factory: Factory[Protocol] = Factory.forProtocol(Protocol)
         self.datagrams: list[DatagramProtocol] = []
         self.serve_datagrams = False
         self.reconfigured: list[tuple[Any, Any]] = []
         self.draining: Deferred[None] = Deferred()
         self.drain_calls = 0
 
-    def stream_factory(self) -> Factory:
+    def stream_factory(self) -> Factory[Protocol]:
         return self.factory
 
     def datagram_protocol(self) -> DatagramProtocol | None:
@@ -88,8 +88,9 @@ class FakeSignals:
 def capture_logs(test: unittest.TestCase) -> list[dict[str, Any]]:
     """Every event logged during the test."""
     events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    test.addCleanup(globalLogPublisher.removeObserver, events.append)
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    test.addCleanup(globalLogPublisher.removeObserver, observer)
     return events
 
 
@@ -98,6 +99,12 @@ def loopback_sockets(test: unittest.TestCase, kinds: Any) -> list[socket.socket]
     for sock in sockets:
         test.addCleanup(sock.close)
     return sockets
+
+
+def recorder(service: WorkerService) -> Builder:
+    """The :class:`Builder` serving ``service``."""
+    assert isinstance(service.builder, Builder)
+    return service.builder
 
 
 class WorkerServiceTests(unittest.TestCase):
@@ -121,7 +128,9 @@ class WorkerServiceTests(unittest.TestCase):
             return builder
 
         limited: list[Any] = []
-        service = WorkerService(config, config.workers[0], build, clock,
+        # FakeConfig and FakeWorker stand in for Config and WorkerConfig.
+        service = WorkerService(config, config.workers[0],  # type: ignore[arg-type]
+                                build, clock,
                                 sockets, reload=reload,
                                 drain_timeout=drain_timeout,
                                 install_signal=signals, limits=limited.append)
@@ -137,9 +146,9 @@ class WorkerServiceTests(unittest.TestCase):
         self.assertEqual(service.kinds_seen,  # type: ignore[attr-defined]
                          [{SocketKind.STREAM, SocketKind.DATAGRAM}])
         handlers = [entry[2] for entry in clock.adoptedPorts]
-        self.assertEqual(handlers, [service.builder.factory,
-                                    service.builder.datagrams[0]])
-        self.assertEqual(len(service.builder.datagrams), 1)
+        self.assertEqual(handlers, [recorder(service).factory,
+                                    recorder(service).datagrams[0]])
+        self.assertEqual(len(recorder(service).datagrams), 1)
         self.assertEqual(service.limited,  # type: ignore[attr-defined]
                          [service.worker])
 
@@ -149,9 +158,9 @@ class WorkerServiceTests(unittest.TestCase):
         service.startService()
         stopped = service.stopService()
         self.assertEqual(service.ports, [])
-        self.assertEqual(service.builder.drain_calls, 1)
+        self.assertEqual(recorder(service).drain_calls, 1)
         self.assertNoResult(stopped)
-        service.builder.draining.callback(None)
+        recorder(service).draining.callback(None)
         self.successResultOf(stopped)
         self.assertFalse(service.running)
 
@@ -174,7 +183,7 @@ class WorkerServiceTests(unittest.TestCase):
         service, _, signals = self.make(reload=lambda: (new, []))
         service.startService()
         signals.handlers[signal.SIGHUP]()
-        self.assertEqual(service.builder.reconfigured,
+        self.assertEqual(recorder(service).reconfigured,
                          [(new, new.workers[0])])
         self.assertIs(service.config, new)
 
@@ -189,7 +198,7 @@ class WorkerServiceTests(unittest.TestCase):
         old = service.config
         service.startService()
         signals.handlers[signal.SIGHUP]()
-        self.assertEqual(service.builder.reconfigured, [])
+        self.assertEqual(recorder(service).reconfigured, [])
         self.assertIs(service.config, old)
         logged = [e["diagnostic"] for e in events if "diagnostic" in e]
         self.assertEqual(logged, ["a.inc:1:2: bad count", "b.inc:3:4: bad port"])
@@ -204,7 +213,7 @@ class WorkerServiceTests(unittest.TestCase):
         service, _, signals = self.make(reload=reload)
         service.startService()
         self.assertFalse(service.reload())
-        self.assertEqual(service.builder.reconfigured, [])
+        self.assertEqual(recorder(service).reconfigured, [])
         self.assertIn("x.inc:5:1: unterminated string",
                       [e.get("error") for e in events])
 
@@ -212,7 +221,7 @@ class WorkerServiceTests(unittest.TestCase):
         """Stopping puts the previous SIGHUP handler back."""
         service, _, signals = self.make(reload=lambda: (None, []))
         service.startService()
-        service.builder.draining.callback(None)
+        recorder(service).draining.callback(None)
         service.stopService()
         self.assertEqual(signals.restored, [signal.SIGHUP])
 
@@ -555,7 +564,7 @@ class SupervisedProcessTests(unittest.TestCase):
             yield deferLater(reactor, 0.01, lambda: None)
         return answers
 
-    def child_pids(self) -> set[int]:
+    def child_pids(self) -> set[int | None]:
         return {c.pid for c in self.supervisor.children.values()}
 
     def all_serving(self) -> Deferred[list[tuple[int, int]]]:

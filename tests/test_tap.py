@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from typing import TypeVar
+
 from twisted.application.service import Application, IServiceCollection
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
@@ -14,12 +18,14 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from rspamd_tx.config.bind import InetListen
+from rspamd_tx.config.ucl import loads
+from rspamd_tx.config.workers import Config, WorkerConfig, check_config
 from rspamd_tx.fuzzy import tap as fuzzy_tap
 from rspamd_tx.fuzzy.server import FuzzyWorker, build_worker as build_fuzzy
 from rspamd_tx.logging import LogSettings
 from rspamd_tx.proxy import tap as proxy_tap
 from rspamd_tx.proxy.server import ProxyWorker, build_worker as build_proxy
-from rspamd_tx.runtime import WorkerService, WorkerTree
+from rspamd_tx.runtime import WorkerService, WorkerTree, is_error
 from rspamd_tx.supervisor import ParentWatch, Supervisor
 
 from tests.helpers.confdir import make_config
@@ -27,7 +33,20 @@ from tests.helpers.confdir import make_config
 PROXY_ONE = 'bind_socket = "127.0.0.1:11332";\ncount = 1;\n'
 
 
-def parse(options: usage.Options, args: list[str]) -> usage.Options:
+def worker_config(text: str) -> tuple[Config, WorkerConfig]:
+    """The checked configuration of ``text`` and its only worker."""
+    config, diagnostics = check_config(loads(text))
+    errors = [str(d) for d in diagnostics if is_error(d)]
+    if errors:
+        raise AssertionError(errors)
+    [worker] = config.workers
+    return config, worker
+
+
+_Options = TypeVar("_Options", bound=usage.Options)
+
+
+def parse(options: _Options, args: list[str]) -> _Options:
     options.parseOptions(args)
     return options
 
@@ -63,8 +82,10 @@ class OptionsTests(unittest.TestCase):
             "worker-fuzzy.inc": 'bind_socket = "127.0.0.1";\ncount = 1;\n'})
         proxy = parse(proxy_tap.Options(), ["-c", local])
         fuzzy = parse(fuzzy_tap.Options(), ["-c", local])
-        self.assertEqual([s.port for s in proxy.workers[0][2]], [11332])
-        self.assertEqual([s.port for s in fuzzy.workers[0][2]], [11335])
+        self.assertEqual(proxy.workers[0][2],
+                         [InetListen("127.0.0.1", 11332, "127.0.0.1")])
+        self.assertEqual(fuzzy.workers[0][2],
+                         [InetListen("127.0.0.1", 11335, "127.0.0.1")])
 
     def test_bad_var(self) -> None:
         """--var without '=' is a usage error."""
@@ -192,6 +213,7 @@ class MakeServiceTests(unittest.TestCase):
         """Attached to a twistd application, the tree sets its log observer."""
         local = make_config(self, {"worker-proxy.inc": PROXY_ONE})
         tree = proxy_tap.makeService(parse(proxy_tap.Options(), ["-c", local]))
+        assert isinstance(tree, WorkerTree)
         application = Application("rspamd-proxy")
         tree.setServiceParent(application)
         self.assertIs(application.getComponent(ILogObserver),
@@ -207,11 +229,12 @@ class WorkerBuilderTests(unittest.TestCase):
         """The proxy serves streams only; its /ping answers pong; drain fires
         once the connection is gone."""
         clock = Clock()
-        builder = build_proxy(None, None, clock)  # type: ignore[arg-type]
+        builder = build_proxy(*worker_config('worker "rspamd_proxy" {}'), clock)
         self.assertIsNone(builder.datagram_protocol())
         self.assertIsInstance(builder.services(), list)
         factory = builder.stream_factory()
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        assert protocol is not None
         transport = StringTransport(
             peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         protocol.makeConnection(transport)
@@ -222,11 +245,24 @@ class WorkerBuilderTests(unittest.TestCase):
         protocol.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(builder.drain())
 
-    def test_fuzzy_builder(self) -> None:
-        """The fuzzy storage gives a fresh datagram protocol per listener."""
-        builder = build_fuzzy(None, None, Clock())  # type: ignore[arg-type]
+    def test_fuzzy_builder(self) -> Deferred[None]:
+        """The fuzzy storage gives a fresh datagram protocol per listener;
+        once its storage has started, drain fires."""
+        from twisted.internet import reactor
+
+        dbdir = os.path.abspath(self.mktemp())
+        os.makedirs(dbdir)
+        builder = build_fuzzy(
+            *worker_config(f'worker "fuzzy" {{ dbdir = "{dbdir}"; }}'), reactor)
         first, second = builder.datagram_protocol(), builder.datagram_protocol()
         self.assertIsInstance(first, DatagramProtocol)
         self.assertIsNot(first, second)
         self.assertIsInstance(builder.services(), list)
-        self.successResultOf(builder.drain())
+        builder.lifecycle.startService()
+        self.addCleanup(builder.lifecycle.stopService)
+
+        def started(ok: bool) -> Deferred[None]:
+            self.assertTrue(ok)
+            return builder.drain()
+
+        return builder.lifecycle.ready.addCallback(started)

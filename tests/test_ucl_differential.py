@@ -120,7 +120,7 @@ def debian_files() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def all_dumps() -> dict[tuple[str, tuple[str, ...]], Dump]:
     """configdump of every compared file, computed once for the whole module."""
-    jobs = [(path, ()) for path in debian_files()]
+    jobs: list[tuple[str, tuple[str, ...]]] = [(path, ()) for path in debian_files()]
     jobs += [(str(path), ()) for path in sorted(SEEDS.iterdir())]
     jobs.append((str(loader.shipped_confdir() / "rspamd.conf"), _shipped_var_args()))
     jobs.append((str(loader.shipped_confdir() / "rspamd.conf"), _shipped_var_args(str(LAYERED))))
@@ -213,7 +213,8 @@ def drop_lua_regexp(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, A
     if "lua" not in ours or not isinstance(theirs.get("regexp"), dict):
         return theirs
     result = dict(theirs)
-    ours_regexp = ours.get("regexp") if isinstance(ours.get("regexp"), dict) else {}
+    regexp = ours.get("regexp")
+    ours_regexp: dict[str, Any] = regexp if isinstance(regexp, dict) else {}
     result["regexp"] = {k: v for k, v in theirs["regexp"].items() if k in ours_regexp}
     return result
 

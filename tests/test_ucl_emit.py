@@ -106,4 +106,4 @@ class UnrepresentableTests(TestCase):
 
     def test_top_level_must_be_object(self) -> None:
         """A list at the top level is refused."""
-        self.assertRaises(ValueError, dumps, [1])  # type: ignore[arg-type]
+        self.assertRaises(ValueError, dumps, [1])

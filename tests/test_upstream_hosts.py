@@ -192,7 +192,7 @@ class LineTests(unittest.TestCase):
 
     def test_non_string_line_rejected(self) -> None:
         """A non-string array element is an error, not a TypeError."""
-        self.assertRaises(UpstreamSyntaxError, parse_upstreams, ["a", 5])  # type: ignore[list-item]
+        self.assertRaises(UpstreamSyntaxError, parse_upstreams, ["a", 5])
 
     def test_too_many_entries_rejected(self) -> None:
         """More than MAX_ENTRIES elements are refused."""

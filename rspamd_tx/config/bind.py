@@ -54,6 +54,7 @@ __all__ = [
     "open_listen_sockets",
     "adopt_sockets",
     "describe_socket",
+    "socket_from_descriptor",
 ]
 
 log = Logger()
@@ -411,14 +412,27 @@ def _systemd_socket(spec: SystemdListen, environ: Mapping[str, str],
         raise ConfigError(f"bind_socket {line!r}: LISTEN_FDS is {count}, "
                           f"there is no socket {index}")
     fd = 3 + index
+    what = f"bind_socket {line!r}: descriptor {fd}"
     try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            raise ConfigError(
-                f"bind_socket {line!r}: descriptor {fd} is not a socket")
+        is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError as e:
+        raise ConfigError(f"{what}: {e.strerror or e}") from e
+    if not is_socket:
+        raise ConfigError(f"{what} is not a socket")
+    return socket_from_descriptor(fd, what)
+
+
+def socket_from_descriptor(fd: int, what: str) -> socket.socket:
+    """The socket open on descriptor ``fd``, made non-blocking and not
+    inherited by processes this one starts.
+
+    @raise ConfigError: ``fd`` is not an open socket; the message starts
+        with ``what``.
+    """
+    try:
         sock = socket.socket(fileno=fd)
     except OSError as e:
-        raise ConfigError(f"bind_socket {line!r}: descriptor {fd}: "
-                          f"{e.strerror or e}") from e
+        raise ConfigError(f"{what}: {e.strerror or e}") from e
     os.set_inheritable(fd, False)
     sock.setblocking(False)
     return sock

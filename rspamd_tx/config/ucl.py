@@ -63,7 +63,7 @@ import glob as _glob
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from rspamd_tx.config.tree import ConfigError, Location, UclObject
@@ -221,8 +221,13 @@ def expand_variables(text: str, variables: list[tuple[str, str]]) -> str:
     return "".join(out)
 
 
-def _unescape_json(raw: str) -> str:
-    """Undo JSON escapes as libucl does (unknown escapes keep the character)."""
+def _unescape(raw: str, escape: Callable[[str, int], tuple[str, int]]) -> str:
+    """Copy ``raw`` with every backslash sequence replaced by ``escape``'s reading.
+
+    ``escape(raw, i)`` is called with ``raw[i]`` a backslash followed by at
+    least one character and returns the replacement and the index after the
+    sequence; a backslash that ends ``raw`` is kept as it is.
+    """
     out: list[str] = []
     i = 0
     n = len(raw)
@@ -235,49 +240,46 @@ def _unescape_json(raw: str) -> str:
         if i + 1 >= n:
             out.append("\\")
             break
-        esc = raw[i + 1]
-        if esc == "u":
-            digits = raw[i + 2:i + 6]
-            value = 0
-            for d in digits:
-                if d not in _HEX:
-                    break
-                value = value * 16 + int(d, 16)
-            out.append(chr(value) if value < 0x10000 and not 0xD800 <= value <= 0xDFFF else "?")
-            i += 6
-            continue
-        out.append({"n": "\n", "r": "\r", "b": "\b", "t": "\t", "f": "\f"}.get(esc, esc))
-        i += 2
+        replacement, i = escape(raw, i)
+        out.append(replacement)
     return "".join(out)
+
+
+def _json_escape(raw: str, i: int) -> tuple[str, int]:
+    """One JSON escape as libucl reads it (an unknown one keeps its character)."""
+    esc = raw[i + 1]
+    if esc == "u":
+        value = 0
+        for d in raw[i + 2:i + 6]:
+            if d not in _HEX:
+                break
+            value = value * 16 + int(d, 16)
+        return (chr(value) if value < 0x10000 and not 0xD800 <= value <= 0xDFFF
+                else "?"), i + 6
+    return {"n": "\n", "r": "\r", "b": "\b", "t": "\t", "f": "\f"}.get(esc, esc), i + 2
+
+
+def _squoted_escape(raw: str, i: int) -> tuple[str, int]:
+    """One single-quote escape: ``\\'`` or a backslash-newline continuation;
+    any other backslash stays."""
+    esc = raw[i + 1]
+    if esc == "'":
+        return "'", i + 2
+    if esc == "\n":
+        return "", i + 2
+    if esc == "\r":
+        return "", i + (3 if raw.startswith("\n", i + 2) else 2)
+    return "\\" + esc, i + 2
+
+
+def _unescape_json(raw: str) -> str:
+    """Undo JSON escapes as libucl does (unknown escapes keep the character)."""
+    return _unescape(raw, _json_escape)
 
 
 def _unescape_squoted(raw: str) -> str:
     """Undo single-quote escapes: ``\\'`` and backslash-newline continuations."""
-    out: list[str] = []
-    i = 0
-    n = len(raw)
-    while i < n:
-        ch = raw[i]
-        if ch != "\\":
-            out.append(ch)
-            i += 1
-            continue
-        if i + 1 >= n:
-            out.append("\\")
-            break
-        esc = raw[i + 1]
-        if esc == "'":
-            out.append("'")
-            i += 2
-        elif esc == "\n":
-            i += 2
-        elif esc == "\r":
-            i += 3 if raw.startswith("\n", i + 2) else 2
-        else:
-            out.append("\\")
-            out.append(esc)
-            i += 2
-    return "".join(out)
+    return _unescape(raw, _squoted_escape)
 
 
 def _finish(value: Any) -> Any:

@@ -35,6 +35,7 @@ from rspamd_tx.config.schema import (
     NamedBlocksType,
     NetworkEntry,
     NetworkListType,
+    OptionType,
     PublicKeyType,
     RepeatedStringType,
     Schema,
@@ -365,6 +366,29 @@ LOGGING_SCHEMA = schema_from_dataclass(
 # ---------------------------------------------------------------------------
 # redis { ... } (the module section; read for the fuzzy storage's fallback)
 
+#: The connection options ``redis { }`` and ``worker "fuzzy"`` declare alike:
+#: key -> (type, default, help, aliases).
+_REDIS_OPTIONS: dict[str, tuple[OptionType, Any, str, tuple[str, ...]]] = {
+    "servers": (UpstreamHostsType(DEFAULT_REDIS_PORT), (),
+                "Redis servers for reads and writes", ("server",)),
+    "read_servers": (UpstreamHostsType(DEFAULT_REDIS_PORT), (),
+                     "Redis servers for reads", ()),
+    "write_servers": (UpstreamHostsType(DEFAULT_REDIS_PORT), (),
+                      "Redis servers for writes", ()),
+    "username": (_STRING, None, "Redis ACL user", ()),
+    "password": (_STRING, None, "Redis password", ()),
+    "timeout": (_TIME, 1.0, "Redis request timeout", ()),
+    "sentinels": (UpstreamHostsType(DEFAULT_SENTINEL_PORT), (),
+                  "Redis Sentinel servers", ()),
+}
+
+
+def _redis_option(key: str) -> Any:
+    """A new dataclass field for the Redis connection option ``key``
+    (one of :data:`_REDIS_OPTIONS`)."""
+    type_, default, doc, aliases = _REDIS_OPTIONS[key]
+    return option(type_, default, doc, aliases=aliases)
+
 
 @dataclass(frozen=True)
 class RedisServers:
@@ -374,25 +398,14 @@ class RedisServers:
     ``write_servers`` are given.
     """
 
-    servers: tuple[str, ...] = option(
-        UpstreamHostsType(DEFAULT_REDIS_PORT),
-        (),
-        "Redis servers for reads and writes",
-        aliases=("server",),
-    )
-    read_servers: tuple[str, ...] = option(
-        UpstreamHostsType(DEFAULT_REDIS_PORT), (), "Redis servers for reads"
-    )
-    write_servers: tuple[str, ...] = option(
-        UpstreamHostsType(DEFAULT_REDIS_PORT), (), "Redis servers for writes"
-    )
-    username: str | None = option(_STRING, None, "Redis ACL user")
-    password: str | None = option(_STRING, None, "Redis password")
+    servers: tuple[str, ...] = _redis_option("servers")
+    read_servers: tuple[str, ...] = _redis_option("read_servers")
+    write_servers: tuple[str, ...] = _redis_option("write_servers")
+    username: str | None = _redis_option("username")
+    password: str | None = _redis_option("password")
     db: int | None = option(_UINT, None, "Redis database number", aliases=("dbname", "database"))
-    timeout: float = option(_TIME, 1.0, "Redis request timeout")
-    sentinels: tuple[str, ...] = option(
-        UpstreamHostsType(DEFAULT_SENTINEL_PORT), (), "Redis Sentinel servers"
-    )
+    timeout: float = _redis_option("timeout")
+    sentinels: tuple[str, ...] = _redis_option("sentinels")
 
     @property
     def configured(self) -> bool:
@@ -678,26 +691,15 @@ class FuzzyOptions:
     dbdir: str | None = option(
         _STRING, None, "directory of fuzzy.db when no hashfile is given (rspamd-tx)"
     )
-    servers: tuple[str, ...] = option(
-        UpstreamHostsType(DEFAULT_REDIS_PORT),
-        (),
-        "Redis servers for reads and writes",
-        aliases=("server",),
-    )
-    read_servers: tuple[str, ...] = option(
-        UpstreamHostsType(DEFAULT_REDIS_PORT), (), "Redis servers for reads"
-    )
-    write_servers: tuple[str, ...] = option(
-        UpstreamHostsType(DEFAULT_REDIS_PORT), (), "Redis servers for writes"
-    )
+    servers: tuple[str, ...] = _redis_option("servers")
+    read_servers: tuple[str, ...] = _redis_option("read_servers")
+    write_servers: tuple[str, ...] = _redis_option("write_servers")
     prefix: str = option(_STRING, "fuzzy", "Redis key prefix")
     db: int | None = option(_UINT, None, "Redis database number", aliases=("dbname",))
-    username: str | None = option(_STRING, None, "Redis ACL user")
-    password: str | None = option(_STRING, None, "Redis password")
-    timeout: float = option(_TIME, 1.0, "Redis request timeout")
-    sentinels: tuple[str, ...] = option(
-        UpstreamHostsType(DEFAULT_SENTINEL_PORT), (), "Redis Sentinel servers"
-    )
+    username: str | None = _redis_option("username")
+    password: str | None = _redis_option("password")
+    timeout: float = _redis_option("timeout")
+    sentinels: tuple[str, ...] = _redis_option("sentinels")
     sentinel_watch_time: float | None = option(_TIME, None, "Sentinel polling period")
     sentinel_masters_pattern: str | None = option(_STRING, None, "Sentinel masters name pattern")
     sentinel_master_maxerrors: int | None = option(

@@ -1,14 +1,15 @@
 """``twistd fuzzy-storage``: the fuzzy storage worker's command line and service tree.
 
 Importing this module installs no reactor; :func:`makeService` imports the
-reactor and the worker's modules when the service is built.
+worker's modules and builds the tree with
+:func:`rspamd_tx.runtime.make_tap_service`.
 """
 
 from __future__ import annotations
 
 from twisted.application.service import MultiService
 
-from rspamd_tx.runtime import TapOptions, make_worker_tree
+from rspamd_tx.runtime import TapOptions, make_tap_service
 
 __all__ = ["Options", "makeService"]
 
@@ -25,8 +26,6 @@ class Options(TapOptions):
 
 def makeService(options: Options) -> MultiService:
     """The service tree of the fuzzy storage workers named by ``options``."""
-    from twisted.internet import reactor
-
     from rspamd_tx.fuzzy.server import build_worker
 
-    return make_worker_tree(options, build_worker, reactor)
+    return make_tap_service(options, build_worker)

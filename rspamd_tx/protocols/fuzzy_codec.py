@@ -720,7 +720,11 @@ def decode_reply(datagram: bytes, nm: bytes | None = None) -> FuzzyReply:
 
 
 def encode_frame(payload: bytes, max_frame_length: int = MAX_FRAME_LENGTH) -> bytes:
-    """Prefix ``payload`` with its u16 little-endian length (TCP transport)."""
+    """Prefix ``payload`` with its u16 little-endian length (TCP transport).
+
+    Raises :class:`FuzzyProtocolError` when ``payload`` is empty or longer
+    than ``max_frame_length``.
+    """
     if not 1 <= len(payload) <= max_frame_length:
         raise FuzzyProtocolError(f"frame payload of {len(payload)} bytes")
     return len(payload).to_bytes(2, "little") + payload
@@ -749,7 +753,11 @@ class FuzzyStreamDecoder:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[bytes]:
-        """Add received bytes; return the complete frame payloads in order."""
+        """Add received bytes; return the complete frame payloads in order.
+
+        Raises :class:`FuzzyProtocolError` for a frame length of 0 or above
+        ``max_frame_length``, and again on every later call.
+        """
         if self._failed is not None:
             raise self._failed
         frames: list[bytes] = []

@@ -51,6 +51,7 @@ __all__ = [
     "Headers",
     "HttpLimits",
     "HttpProtocolError",
+    "HttpStatusError",
     "LegacyInfo",
     "LegacyVariant",
     "Request",
@@ -71,15 +72,12 @@ DEFAULT_MAX_MESSAGE = 50 * 1024 * 1024
 """Rspamd's default ``max_message`` (50 MiB)."""
 
 
-class HttpProtocolError(Exception):
-    """The peer broke the protocol or a bound.
+class HttpStatusError(Exception):
+    """A failure that maps to the HTTP status a proxy answers for it.
 
     Attributes:
-        status: the HTTP status an HTTP server would answer (400 malformed,
-            413 body too large, 431 header section too large, 501 unsupported
-            transfer coding, 505 unsupported version, 502 for a broken reply
-            seen by the client side).
-        reason: a short human-readable explanation, suitable for logs.
+        status: the HTTP status code.
+        reason: a short human-readable explanation (the reason phrase).
     """
 
     def __init__(self, status: int, reason: str) -> None:
@@ -89,6 +87,18 @@ class HttpProtocolError(Exception):
 
     def __str__(self) -> str:
         return f"{self.status} {self.reason}"
+
+
+class HttpProtocolError(HttpStatusError):
+    """The peer broke the protocol or a bound.
+
+    Attributes:
+        status: the HTTP status an HTTP server would answer (400 malformed,
+            413 body too large, 431 header section too large, 501 unsupported
+            transfer coding, 505 unsupported version, 502 for a broken reply
+            seen by the client side).
+        reason: a short human-readable explanation, suitable for logs.
+    """
 
 
 @dataclass(frozen=True)
@@ -164,8 +174,22 @@ class LegacyInfo:
     protocol: str
 
 
+class _HeaderLookup:
+    """Header lookups of a message start (:class:`Request`, :class:`Response`)."""
+
+    headers: Headers
+
+    def get(self, name: str) -> str | None:
+        """First value of header ``name`` (case-insensitive), or ``None``."""
+        return header_value(self.headers, name)
+
+    def get_all(self, name: str) -> list[str]:
+        """All values of header ``name`` (case-insensitive), in wire order."""
+        return header_values(self.headers, name)
+
+
 @dataclass(frozen=True)
-class Request:
+class Request(_HeaderLookup):
     """Start of a request.
 
     Attributes:
@@ -192,17 +216,9 @@ class Request:
         """
         return self.legacy is None and _persistent(self.version, self.headers)
 
-    def get(self, name: str) -> str | None:
-        """First value of header ``name`` (case-insensitive), or ``None``."""
-        return header_value(self.headers, name)
-
-    def get_all(self, name: str) -> list[str]:
-        """All values of header ``name`` (case-insensitive), in wire order."""
-        return header_values(self.headers, name)
-
 
 @dataclass(frozen=True)
-class Response:
+class Response(_HeaderLookup):
     """Start of a reply.
 
     Attributes:
@@ -221,14 +237,6 @@ class Response:
     headers: Headers
     version: str = "1.1"
     keep_alive: bool = False
-
-    def get(self, name: str) -> str | None:
-        """First value of header ``name`` (case-insensitive), or ``None``."""
-        return header_value(self.headers, name)
-
-    def get_all(self, name: str) -> list[str]:
-        """All values of header ``name`` (case-insensitive), in wire order."""
-        return header_values(self.headers, name)
 
 
 @dataclass(frozen=True)
@@ -635,6 +643,12 @@ class ResponseParser(_MessageParser):
         self._seen_any = False
 
     def feed(self, data: bytes) -> list[Event]:
+        """Consume ``data`` and return the events it completes, in order.
+
+        Raises:
+            HttpProtocolError: the reply is malformed or exceeds a bound; the
+                parser must not be used afterwards.
+        """
         if data:
             self._seen_any = True
         return super().feed(data)

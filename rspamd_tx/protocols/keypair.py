@@ -65,7 +65,10 @@ class KeypairError(ConfigError):
 
 
 def encode_key(raw: bytes, encoding: str = "base32") -> str:
-    """Text form of raw key bytes in one of :data:`ENCODINGS`."""
+    """Text form of raw key bytes in one of :data:`ENCODINGS`.
+
+    Raises :class:`KeypairError` for an encoding not in :data:`ENCODINGS`.
+    """
     if encoding == "base32":
         return zbase32.encode(raw)
     if encoding == "hex":
@@ -167,7 +170,10 @@ class Keypair:
 
     @classmethod
     def from_secret(cls, secret_key: bytes) -> Keypair:
-        """The keypair whose public key is derived from ``secret_key``."""
+        """The keypair whose public key is derived from ``secret_key``.
+
+        Raises :class:`KeypairError` unless ``secret_key`` is 32 bytes.
+        """
         if len(secret_key) != KEY_BYTES:
             raise KeypairError(f"secret key must be {KEY_BYTES} bytes, got {len(secret_key)}")
         return cls(bytes(secret_key), PublicKey(public_key_from_secret(secret_key)))

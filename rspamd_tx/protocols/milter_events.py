@@ -152,6 +152,93 @@ def _u32(value: int, what: str) -> bytes:
     return _U32.pack(value)
 
 
+def _negotiation_words(version: int, actions: int, protocol: int) -> bytes:
+    """The three 32-bit words that open both sides' ``O`` payload."""
+    return (_u32(version, "version") + _u32(actions, "actions")
+            + _u32(protocol, "protocol"))
+
+
+# Shapes shared by several messages: each subclass sets only ``code`` (and
+# its docstring), so equal payloads of different messages stay unequal.
+
+
+@dataclass(frozen=True)
+class _Bare:
+    """A message without payload."""
+
+    code: ClassVar[bytes] = b""
+
+    def encode(self) -> bytes:
+        return frame(self.code)
+
+
+@dataclass(frozen=True)
+class _RawPayload:
+    """A message whose payload is ``data``, raw bytes."""
+
+    code: ClassVar[bytes] = b""
+    data: bytes
+
+    def encode(self) -> bytes:
+        return frame(self.code, self.data)
+
+
+@dataclass(frozen=True)
+class _EnvelopeAddress:
+    """An envelope address as sent, then each ESMTP argument, NUL-terminated."""
+
+    code: ClassVar[bytes] = b""
+    address: bytes
+    esmtp_args: tuple[bytes, ...] = ()
+
+    def encode(self) -> bytes:
+        payload = _cstr(self.address, "address")
+        for arg in self.esmtp_args:
+            payload += _cstr(arg, "ESMTP argument")
+        return frame(self.code, payload)
+
+
+@dataclass(frozen=True)
+class _Recipient:
+    """One NUL-terminated envelope address."""
+
+    code: ClassVar[bytes] = b""
+    address: bytes
+
+    def encode(self) -> bytes:
+        return frame(self.code, _cstr(self.address, "address"))
+
+
+@dataclass(frozen=True)
+class _AddressWithArgs:
+    """An address and, when ``args`` is not None, one string of ESMTP args."""
+
+    code: ClassVar[bytes] = b""
+    address: bytes
+    args: bytes | None = None
+
+    def encode(self) -> bytes:
+        payload = _cstr(self.address, "address")
+        if self.args is not None:
+            payload += _cstr(self.args, "ESMTP arguments")
+        return frame(self.code, payload)
+
+
+@dataclass(frozen=True)
+class _IndexedHeader:
+    """A header ``index``, ``name`` and ``value``."""
+
+    code: ClassVar[bytes] = b""
+    index: int
+    name: bytes
+    value: bytes
+
+    def encode(self) -> bytes:
+        return frame(self.code, _u32(self.index, "header index")
+                     + _cstr(self.name, "header name")
+                     + _cstr(self.value, "header value"))
+
+
 # ---------------------------------------------------------------------------
 # Commands: MTA -> filter
 # ---------------------------------------------------------------------------
@@ -167,9 +254,8 @@ class OptionNegotiation:
     protocol: int
 
     def encode(self) -> bytes:
-        return frame(self.code, _u32(self.version, "version")
-                     + _u32(self.actions, "actions")
-                     + _u32(self.protocol, "protocol"))
+        return frame(self.code, _negotiation_words(
+            self.version, self.actions, self.protocol))
 
 
 @dataclass(frozen=True)
@@ -244,35 +330,18 @@ class Helo:
         return frame(self.code, _cstr(self.name, "helo"))
 
 
-def _address_and_args(address: bytes, args: tuple[bytes, ...]) -> bytes:
-    payload = _cstr(address, "address")
-    for arg in args:
-        payload += _cstr(arg, "ESMTP argument")
-    return payload
-
-
 @dataclass(frozen=True)
-class MailFrom:
+class MailFrom(_EnvelopeAddress):
     """``M``: envelope sender as sent (e.g. ``b"<a@b>"``) and ESMTP args."""
 
     code: ClassVar[bytes] = b"M"
-    address: bytes
-    esmtp_args: tuple[bytes, ...] = ()
-
-    def encode(self) -> bytes:
-        return frame(self.code, _address_and_args(self.address, self.esmtp_args))
 
 
 @dataclass(frozen=True)
-class RcptTo:
+class RcptTo(_EnvelopeAddress):
     """``R``: one envelope recipient as sent and its ESMTP args."""
 
     code: ClassVar[bytes] = b"R"
-    address: bytes
-    esmtp_args: tuple[bytes, ...] = ()
-
-    def encode(self) -> bytes:
-        return frame(self.code, _address_and_args(self.address, self.esmtp_args))
 
 
 @dataclass(frozen=True)
@@ -310,18 +379,14 @@ class Header:
 
 
 @dataclass(frozen=True)
-class BodyChunk:
+class BodyChunk(_RawPayload):
     """``B``: a chunk of the message body (raw bytes)."""
 
     code: ClassVar[bytes] = b"B"
-    data: bytes
-
-    def encode(self) -> bytes:
-        return frame(self.code, self.data)
 
 
 @dataclass(frozen=True)
-class EndOfMessage:
+class EndOfMessage(_RawPayload):
     """``E``: end of body; asks for the verdict.
 
     ``data`` holds a final body chunk some MTAs attach to this command
@@ -330,9 +395,6 @@ class EndOfMessage:
 
     code: ClassVar[bytes] = b"E"
     data: bytes = b""
-
-    def encode(self) -> bytes:
-        return frame(self.code, self.data)
 
 
 @dataclass(frozen=True)
@@ -344,16 +406,6 @@ class Unknown:
 
     def encode(self) -> bytes:
         return frame(self.code, _cstr(self.command, "unknown command"))
-
-
-@dataclass(frozen=True)
-class _Bare:
-    """A message without payload; subclasses only set ``code``."""
-
-    code: ClassVar[bytes] = b""
-
-    def encode(self) -> bytes:
-        return frame(self.code)
 
 
 @dataclass(frozen=True)
@@ -512,100 +564,55 @@ class AddHeader:
 
 
 @dataclass(frozen=True)
-class InsertHeader:
+class InsertHeader(_IndexedHeader):
     """``i``: insert a header at ``index`` (0 = before all headers)."""
 
     code: ClassVar[bytes] = b"i"
-    index: int
-    name: bytes
-    value: bytes
-
-    def encode(self) -> bytes:
-        return frame(self.code, _u32(self.index, "header index")
-                     + _cstr(self.name, "header name")
-                     + _cstr(self.value, "header value"))
 
 
 @dataclass(frozen=True)
-class ChangeHeader:
+class ChangeHeader(_IndexedHeader):
     """``m``: change the ``index``-th (1-based) header ``name``.
 
     An empty ``value`` deletes that occurrence.
     """
 
     code: ClassVar[bytes] = b"m"
-    index: int
-    name: bytes
-    value: bytes
-
-    def encode(self) -> bytes:
-        return frame(self.code, _u32(self.index, "header index")
-                     + _cstr(self.name, "header name")
-                     + _cstr(self.value, "header value"))
 
 
 @dataclass(frozen=True)
-class ReplaceBody:
+class ReplaceBody(_RawPayload):
     """``b``: (a chunk of) the replacement body, raw bytes."""
 
     code: ClassVar[bytes] = b"b"
-    data: bytes
-
-    def encode(self) -> bytes:
-        return frame(self.code, self.data)
-
-
-def _address_and_optional_args(address: bytes, args: bytes | None) -> bytes:
-    payload = _cstr(address, "address")
-    if args is not None:
-        payload += _cstr(args, "ESMTP arguments")
-    return payload
 
 
 @dataclass(frozen=True)
-class ChangeFrom:
+class ChangeFrom(_AddressWithArgs):
     """``e``: replace the envelope sender; ``args`` are its ESMTP args."""
 
     code: ClassVar[bytes] = b"e"
-    address: bytes
-    args: bytes | None = None
-
-    def encode(self) -> bytes:
-        return frame(self.code, _address_and_optional_args(self.address, self.args))
 
 
 @dataclass(frozen=True)
-class AddRecipient:
+class AddRecipient(_Recipient):
     """``+``: add an envelope recipient."""
 
     code: ClassVar[bytes] = b"+"
-    address: bytes
-
-    def encode(self) -> bytes:
-        return frame(self.code, _cstr(self.address, "address"))
 
 
 @dataclass(frozen=True)
-class DeleteRecipient:
+class DeleteRecipient(_Recipient):
     """``-``: remove an envelope recipient."""
 
     code: ClassVar[bytes] = b"-"
-    address: bytes
-
-    def encode(self) -> bytes:
-        return frame(self.code, _cstr(self.address, "address"))
 
 
 @dataclass(frozen=True)
-class AddRecipientWithArgs:
+class AddRecipientWithArgs(_AddressWithArgs):
     """``2``: add an envelope recipient with ESMTP args."""
 
     code: ClassVar[bytes] = b"2"
-    address: bytes
-    args: bytes | None = None
-
-    def encode(self) -> bytes:
-        return frame(self.code, _address_and_optional_args(self.address, self.args))
 
 
 @dataclass(frozen=True)
@@ -635,8 +642,7 @@ class OptionNegotiationReply:
     macros: tuple[tuple[int, bytes], ...] = ()
 
     def encode(self) -> bytes:
-        payload = (_u32(self.version, "version") + _u32(self.actions, "actions")
-                   + _u32(self.protocol, "protocol"))
+        payload = _negotiation_words(self.version, self.actions, self.protocol)
         for stage, names in self.macros:
             payload += _u32(stage, "macro stage") + _cstr(names, "macro list")
         return frame(self.code, payload)

@@ -35,7 +35,7 @@ import enum
 import math
 import random
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Generic, Sequence, TypeVar, Union
+from typing import Any, Callable, Generic, Sequence, TypeVar, Union, overload
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -442,7 +442,10 @@ class Upstream:
         return [slot.address for slot in self._slots]
 
     def address_errors(self, address: Address) -> int:
-        """Return the connect-error count of one of this upstream's addresses."""
+        """Return the connect-error count of one of this upstream's addresses.
+
+        @raise KeyError: ``address`` is not one of :attr:`addresses`.
+        """
         for slot in self._slots:
             if slot.address == address:
                 return slot.errors
@@ -851,18 +854,30 @@ class Balancer:
 
     # -- accounting --------------------------------------------------------
 
+    def _settle(self, selection: Selection, *, success: bool) -> bool:
+        """Mark ``selection`` reported and give back its in-flight slot and
+        its tokens (see :meth:`_return_tokens` for ``success``).
+
+        @return: whether it was still open; a reported selection is left as
+            it is.
+        """
+        if selection.reported:
+            return False
+        selection.reported = True
+        upstream = selection.upstream
+        upstream.inflight = max(0, upstream.inflight - 1)
+        self._return_tokens(upstream, selection.tokens, success=success)
+        return True
+
     def report_ok(self, selection: Selection, latency: float | None = None) -> None:
         """Report a completed exchange: resets errors of an alive upstream,
         revives a half-open probe, records latency, returns tokens."""
-        if selection.reported:
+        if not self._settle(selection, success=True):
             return
-        selection.reported = True
         upstream = selection.upstream
         now = self.clock.seconds()
         if latency is None:
             latency = now - selection.started
-        upstream.inflight = max(0, upstream.inflight - 1)
-        self._return_tokens(upstream, selection.tokens, success=True)
         if upstream.half_open:
             upstream.half_open = False
             self.revive(upstream, "half-open probe succeeded")
@@ -875,12 +890,9 @@ class Balancer:
     def release(self, selection: Selection) -> None:
         """Give a selection back without counting success or failure (the
         request was cancelled or failed for reasons not the upstream's)."""
-        if selection.reported:
+        if not self._settle(selection, success=True):
             return
-        selection.reported = True
         upstream = selection.upstream
-        upstream.inflight = max(0, upstream.inflight - 1)
-        self._return_tokens(upstream, selection.tokens, success=True)
         if upstream.half_open:
             upstream.half_open = False
             self._set_state(upstream, UpstreamState.DOWN, "half-open probe abandoned")
@@ -894,12 +906,9 @@ class Balancer:
         reason: str = "error",
     ) -> None:
         """Report a failed exchange and apply the error-rate rule."""
-        if selection.reported:
+        if not self._settle(selection, success=False):
             return
-        selection.reported = True
         upstream = selection.upstream
-        upstream.inflight = max(0, upstream.inflight - 1)
-        self._return_tokens(upstream, selection.tokens, success=False)
         self.fail(upstream, reason=reason, address_failure=address_failure)
         if upstream.half_open:
             upstream.half_open = False
@@ -1134,6 +1143,36 @@ class Balancer:
         return selected, cost
 
     # -- calls -----------------------------------------------------------------
+
+    # Two overloads so that the result type is inferred for ``fn`` returning
+    # a Deferred as well as a plain value.
+    @overload
+    def call(
+        self,
+        fn: Callable[[Address], "defer.Deferred[_T]"],
+        *,
+        key: bytes | None = None,
+        size: int = 0,
+        timeout: float,
+        max_retries: int,
+        retryable: Callable[[Failure], bool] | None = None,
+        address_failure: Callable[[Failure], bool] | None = None,
+        attempt_timeout: float | None = None,
+    ) -> "defer.Deferred[CallResult[_T]]": ...
+
+    @overload
+    def call(
+        self,
+        fn: Callable[[Address], _T],
+        *,
+        key: bytes | None = None,
+        size: int = 0,
+        timeout: float,
+        max_retries: int,
+        retryable: Callable[[Failure], bool] | None = None,
+        address_failure: Callable[[Failure], bool] | None = None,
+        attempt_timeout: float | None = None,
+    ) -> "defer.Deferred[CallResult[_T]]": ...
 
     def call(
         self,
@@ -1396,7 +1435,7 @@ class HealthChecker(Service):
 
     def startService(self) -> None:
         """Start probing now and every ``interval`` seconds."""
-        super().startService()
+        Service.startService(self)
         self._loop = LoopingCall(self.check_all)
         self._loop.clock = self.balancer.clock
         self._loop.start(self.interval, now=True).addErrback(
@@ -1405,7 +1444,7 @@ class HealthChecker(Service):
 
     def stopService(self) -> "defer.Deferred[None] | None":
         """Stop the loop and cancel probes in flight (their outcome is ignored)."""
-        result: defer.Deferred[None] | None = super().stopService()
+        result: defer.Deferred[None] | None = Service.stopService(self)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None

@@ -46,6 +46,7 @@ from rspamd_tx.protocols.http_codec import (
     Headers,
     HttpLimits,
     HttpProtocolError,
+    HttpStatusError,
     Response,
     ResponseParser,
     encode_request,
@@ -69,7 +70,7 @@ socket as ``UNIXAddress`` or a path string."""
 _PoolKey = tuple[str, str, int]
 
 
-class ScannerError(Exception):
+class ScannerError(HttpStatusError):
     """A request to a scanner failed; the balancer may retry elsewhere.
 
     Attributes:
@@ -79,14 +80,6 @@ class ScannerError(Exception):
     """
 
     retryable = True
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(status, reason)
-        self.status = status
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.status} {self.reason}"
 
 
 class ConnectError(ScannerError):

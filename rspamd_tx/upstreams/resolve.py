@@ -83,6 +83,10 @@ def make_resolver(
     ``srv`` entries query SRV records with ``srv_resolver`` and resolve every
     target with its port, ordered by SRV priority then descending weight;
     ``unix`` entries need no resolution and map to nothing.
+
+    The resolver's Deferred fails with :class:`ResolutionFailed` when a name
+    resolves to nothing or an SRV entry has no ``srv_resolver``, and with the
+    DNS error of a failed SRV query.
     """
 
     def resolve(entry: UpstreamEntry) -> "defer.Deferred[list[Address]]":
@@ -92,7 +96,10 @@ def make_resolver(
         if entry.kind is EntryKind.SRV:
             if srv_resolver is None:
                 return defer.fail(ResolutionFailed(f"no SRV resolver for {entry.name}"))
-            return srv_resolver.lookupService(entry.host).addCallback(_resolve_targets)
+            # IResolver declares ``timeout`` without the default every
+            # resolver gives it; the resolver's own timeouts apply.
+            return srv_resolver.lookupService(  # type: ignore[call-arg]
+                entry.host).addCallback(_resolve_targets)
         return defer.succeed([])
 
     def _resolve_targets(result: Any) -> "defer.Deferred[list[Address]]":

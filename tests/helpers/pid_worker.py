@@ -52,9 +52,19 @@ class FakeConfig:
 class PidProtocol(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
-        generation = self.factory.builder.worker.generation  # type: ignore
+        assert isinstance(self.factory, PidFactory)
+        generation = self.factory.builder.worker.generation
         self.transport.write(f"{os.getpid()} {generation}\n".encode())
         self.transport.loseConnection()
+
+
+class PidFactory(Factory):
+    """Serves :class:`PidProtocol` for ``builder``."""
+
+    protocol = PidProtocol
+
+    def __init__(self, builder: PidBuilder) -> None:
+        self.builder = builder
 
 
 class PidBuilder:
@@ -62,10 +72,9 @@ class PidBuilder:
 
     def __init__(self, config: FakeConfig, worker: FakeWorker, reactor: Any):
         self.worker = worker
-        self.factory = Factory.forProtocol(PidProtocol)
-        self.factory.builder = self  # type: ignore[attr-defined]
+        self.factory = PidFactory(self)
 
-    def stream_factory(self) -> Factory:
+    def stream_factory(self) -> PidFactory:
         return self.factory
 
     def datagram_protocol(self) -> None:
@@ -107,7 +116,10 @@ def main() -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)])
     fds = [int(fd) for fd in sys.argv[1].split(",")]
     config = FakeConfig((FakeWorker(1),))
-    service = WorkerService(config, config.workers[0], PidBuilder,  # type: ignore
+    # Stand-ins for Config, WorkerConfig and the builder: the runtime only
+    # uses what they provide.
+    service = WorkerService(config, config.workers[0],  # type: ignore[arg-type]
+                            PidBuilder,  # type: ignore[arg-type]
                             reactor, inherited_sockets(fds),
                             reload=reloader(sys.argv[2]))
     watch = ParentWatch(reactor)
