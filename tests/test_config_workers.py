@@ -209,7 +209,7 @@ class SeedTests(unittest.TestCase):
         self.assertTrue(proxy.scripts[0].startswith("return function(results)"))
 
     def test_fuzzy_seed(self) -> None:
-        """Redis servers as written, 90 days expiry, slaves and allow_update as addresses."""
+        """Redis servers as written, 90 days expiry, slaves as hosts, allow_update as addresses."""
         fuzzy = self.check_seed("worker-fuzzy.inc").workers[0].options
         assert isinstance(fuzzy, FuzzyOptions)
         self.assertEqual(fuzzy.backend, "redis")
@@ -219,16 +219,26 @@ class SeedTests(unittest.TestCase):
         )
         self.assertEqual((fuzzy.timeout, fuzzy.expire, fuzzy.redis_db), (1.0, 90 * 86400.0, 0))
         self.assertEqual(fuzzy.password, "Phe9eiphoGh3ohNg")
-        self.assertEqual(
-            fuzzy.slaves,
-            (
-                ipaddress.ip_network("10.195.171.142/32"),
-                ipaddress.ip_network("fdc1:d89e:b128:6a04::7de4/128"),
-            ),
-        )
+        self.assertEqual(fuzzy.slaves, ("10.195.171.142", "fdc1:d89e:b128:6a04::7de4"))
         self.assertEqual(
             fuzzy.allow_update,
             (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")),
+        )
+
+    def test_replication_options(self) -> None:
+        """slaves take ports; the replication port, bind line and log size are typed."""
+        config, diagnostics = check_config(worker_tree("fuzzy", (
+            'slaves = "10.0.0.2:11400, [fdc1::7]:11401, replica.example.net"; '
+            "replication_port = 11500; replication_bind = \"127.0.0.1:11500\"; "
+            "replication_log_size = 64;"
+        )))
+        self.assertEqual(messages(diagnostics), [])
+        fuzzy = config.workers[0].options
+        assert isinstance(fuzzy, FuzzyOptions)
+        self.assertEqual(fuzzy.slaves, ("10.0.0.2:11400", "[fdc1::7]:11401", "replica.example.net"))
+        self.assertEqual(
+            (fuzzy.replication_port, fuzzy.replication_bind, fuzzy.replication_log_size),
+            (11500, "127.0.0.1:11500", 64),
         )
 
     def test_fuzzy_slave_seed(self) -> None:

@@ -749,8 +749,10 @@ class FuzzyOptions:
     )
     dynamic_keys_map: str | None = option(_STRING, None, "map of extra keypairs (Rspamd 3.8.2+)")
     tcp_timeout: float = option(_TIME, 5.0, "idle timeout of TCP connections (Rspamd 3.14+)")
-    slaves: tuple[NetworkEntry, ...] = option(
-        _NETWORKS, (), "storages this master replicates to (rspamd-tx)"
+    slaves: tuple[str, ...] = option(
+        _STRINGS,
+        (),
+        "storages this master replicates to: host, host:port or [v6]:port (rspamd-tx)",
     )
     masters: tuple[NetworkEntry, ...] = option(
         _NETWORKS, (), "sources allowed to push replication (rspamd-tx)"
@@ -759,6 +761,20 @@ class FuzzyOptions:
         _PUBKEY, None, "public key replication pushes must come from (rspamd-tx)"
     )
     master_timeout: float = option(_TIME, 10.0, "timeout of replication pushes (rspamd-tx)")
+    sync_keypair: Keypair | None = option(
+        _KEYPAIR, None, "keypair a master replicates with; default: the last keypair (rspamd-tx)"
+    )
+    replication_port: int = option(
+        IntType(1, 65535), 11336, "port of slaves named without one (rspamd-tx)"
+    )
+    replication_bind: str | None = option(
+        BindLinesType(repeatable=False),
+        None,
+        "where a slave listens for its masters; default *:replication_port (rspamd-tx)",
+    )
+    replication_log_size: int = option(
+        IntType(minimum=1), 4096, "batches a master keeps for slaves to catch up from (rspamd-tx)"
+    )
     metrics: str | None = option(
         BindLinesType(repeatable=False),
         None,

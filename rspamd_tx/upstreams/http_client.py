@@ -233,6 +233,8 @@ class _ScannerConnection(Protocol):
 class _ConnectionFactory(ClientFactory):
     """Builds the connection for one exchange and reports connect failures."""
 
+    noisy = False  # one per request: no "Starting factory" log lines
+
     def __init__(self, exchange: _Exchange) -> None:
         self.exchange = exchange
 
