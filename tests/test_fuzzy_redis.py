@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -18,7 +19,14 @@ from rspamd_tx.fuzzy.backend import (
     Update,
     UpdateKind,
 )
-from rspamd_tx.fuzzy.redis_backend import RedisFuzzyBackend, parse_servers, shingle_key
+from rspamd_tx.fuzzy.redis_backend import (
+    SCAN_LISTING_IDLE,
+    RedisFuzzyBackend,
+    digest_key_pattern,
+    parse_servers,
+    shingle_key,
+)
+from rspamd_tx.fuzzy.replication import IHashScanner
 from rspamd_tx.protocols import fuzzy_codec
 from rspamd_tx.upstreams.hosts import Strategy
 from tests.peers.redis import skip_unless_redis, start_redis
@@ -42,6 +50,24 @@ def add(n: int, flag: int = 1, value: int = 1, with_shingles: bool = False) -> U
     return Update(UpdateKind.ADD, digest(n), flag, value, shingles(n) if with_shingles else None)
 
 
+def hashed(n: int) -> bytes:
+    """A pseudo-random digest: stored order differs from ``n`` order."""
+    return hashlib.blake2b(b"scan %d" % n).digest()
+
+
+@inlineCallbacks
+def scan_all(backend: RedisFuzzyBackend, limit: int) -> Any:
+    """Every page of one scan pass, until the empty page that ends it."""
+    pages: list[list[Update]] = []
+    cursor = None
+    while True:
+        page = yield backend.scan(cursor, limit)
+        if not page:
+            return pages
+        pages.append(page)
+        cursor = page[-1].digest
+
+
 class ServerListTests(unittest.TestCase):
     """Redis upstream options."""
 
@@ -62,6 +88,10 @@ class ServerListTests(unittest.TestCase):
     def test_shingle_key_is_unsigned_decimal(self) -> None:
         """Slot keys spell the hash as unsigned decimal, as Rspamd does."""
         self.assertEqual(shingle_key(b"fuzzy", 3, 2**64 - 1), b"fuzzy_3_18446744073709551615")
+
+    def test_digest_key_pattern_escapes_prefix(self) -> None:
+        """The SCAN pattern escapes glob characters of the prefix and asks for 64 more bytes."""
+        self.assertEqual(digest_key_pattern(b"f*?[]\\"), b"f\\*\\?\\[\\]\\\\" + b"?" * 64)
 
 
 class RedisBackendTests(unittest.TestCase):
@@ -354,3 +384,216 @@ class RspamdInteropTests(unittest.TestCase):
         count = yield self.backend.count()
         self.assertEqual((result.value, result.flag, fuzzy.prob, fuzzy.digest, count),
                          (5, 4, 31 / 32, digest(2), 1))
+
+    @inlineCallbacks
+    def test_scan_lists_rspamd_hashes(self) -> Any:
+        """A shingle learn stored by Rspamd's storage is listed once by scan, with its values."""
+        yield fuzzy_exchange(self.port, fuzzy_codec.FuzzyCommand(
+            version=4, command=fuzzy_codec.Command.WRITE, tag=4, digest=digest(3), flag=6,
+            value=9, shingles=shingles(3)))
+        page: list[Update] = []
+        for _ in range(100):
+            page = yield self.backend.scan(None, 10)
+            if page:
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(page, [Update(UpdateKind.ADD, digest(3), 6, 9)])
+
+
+class RedisScanTests(unittest.TestCase):
+    """scan(): the stored hashes of a real redis-server, in digest order, for a full resync."""
+
+    skip = skip_unless_redis()
+
+    @inlineCallbacks
+    def setUp(self) -> Any:  # type: ignore[override]
+        self.redis = yield start_redis(reactor)
+        self.addCleanup(self.redis.stop)
+        self.raw = yield self.redis.client()
+        self.backend = self.make()
+
+    def make(self, **options: Any) -> RedisFuzzyBackend:
+        options.setdefault("servers", self.redis.address)
+        options.setdefault("clock", reactor)
+        backend = RedisFuzzyBackend(reactor=reactor, timeout=1.0, lifetime=2 * DAY, **options)
+        self.addCleanup(backend.close)
+        return backend
+
+    def test_provides_hash_scanner(self) -> None:
+        """The backend declares and provides IHashScanner."""
+        self.assertTrue(verifyObject(IHashScanner, self.backend))
+
+    @inlineCallbacks
+    def test_empty_store(self) -> Any:
+        """An empty database gives an empty first page: the end."""
+        page = yield self.backend.scan(None, 10)
+        self.assertEqual(page, [])
+
+    @inlineCallbacks
+    def test_ascending_digest_order_with_values(self) -> Any:
+        """Hashes come as ADD updates in ascending digest order, with flag and weight."""
+        stored = [Update(UpdateKind.ADD, hashed(n), n % 3 + 1, n + 10) for n in range(20)]
+        yield self.backend.apply(stored)
+        page = yield self.backend.scan(None, 100)
+        self.assertEqual(page, sorted(stored, key=lambda update: update.digest))
+
+    @inlineCallbacks
+    def test_paging_lists_every_hash_once(self) -> Any:
+        """Pages of ``limit`` (across several SCAN round trips) hold every hash exactly once."""
+        digests = [hashed(n) for n in range(2500)]
+        yield self.backend.apply([Update(UpdateKind.ADD, d, 1, 1) for d in digests])
+        pages = yield scan_all(self.backend, 333)
+        self.assertEqual([len(page) for page in pages], [333] * 7 + [169])
+        self.assertEqual([u.digest for page in pages for u in page], sorted(digests))
+
+    @inlineCallbacks
+    def test_after_is_exclusive(self) -> Any:
+        """``after`` excludes itself, and need not be a stored digest."""
+        yield self.backend.apply([add(1), add(3), add(5)])
+        from_stored = yield self.backend.scan(digest(3), 10)
+        from_between = yield self.backend.scan(digest(2), 10)
+        from_last = yield self.backend.scan(digest(5), 10)
+        self.assertEqual(([u.digest for u in from_stored], [u.digest for u in from_between],
+                          from_last),
+                         ([digest(5)], [digest(3), digest(5)], []))
+
+    @inlineCallbacks
+    def test_limit_zero_lists_nothing(self) -> Any:
+        """A limit of 0 fires with an empty list."""
+        yield self.backend.apply([add(1)])
+        page = yield self.backend.scan(None, 0)
+        self.assertEqual(page, [])
+
+    @inlineCallbacks
+    def test_other_keys_excluded(self) -> Any:
+        """Shingle slots, the count, revision keys (even one of digest length) and other
+        prefixes are not listed."""
+        yield self.backend.apply([add(1, with_shingles=True)])
+        yield self.backend.apply([add(2)], "x" * 64)
+        yield self.raw.execute_command("HSET", b"fuzzyX" + digest(3), "V", "1", "F", "1")
+        yield self.raw.execute_command("HSET", b"fuzzy" + digest(4)[:63], "V", "1", "F", "1")
+        yield self.raw.execute_command("HSET", b"fuzzy" + digest(5) + b"!", "V", "1", "F", "1")
+        yield self.raw.execute_command("HSET", b"other" + digest(6), "V", "1", "F", "1")
+        keys = yield self.raw.execute_command("DBSIZE")
+        page = yield self.backend.scan(None, 100)
+        self.assertEqual((keys, [u.digest for u in page]), (41, [digest(1), digest(2)]))
+
+    @inlineCallbacks
+    def test_rspamd_written_hash_included(self) -> Any:
+        """A hash laid out by Rspamd itself (raw HSET of V, F, C) is listed with its values."""
+        yield self.raw.execute_command("HSET", b"fuzzy" + digest(7), "V", "12", "F", "3",
+                                       "C", "1700000000")
+        page = yield self.backend.scan(None, 10)
+        self.assertEqual(page, [Update(UpdateKind.ADD, digest(7), 3, 12)])
+
+    @inlineCallbacks
+    def test_invalid_hashes_skipped(self) -> Any:
+        """Keys of digest shape without valid V and F, or not hashes, are skipped."""
+        yield self.raw.execute_command("HSET", b"fuzzy" + digest(1), "C", "1")
+        yield self.raw.execute_command("HSET", b"fuzzy" + digest(2), "V", "x", "F", "1")
+        yield self.raw.execute_command("HSET", b"fuzzy" + digest(3), "V", "1", "F", "-1")
+        yield self.raw.execute_command("SET", b"fuzzy" + digest(4), "1")
+        yield self.backend.apply([add(5)])
+        page = yield self.backend.scan(None, 10)
+        self.assertEqual([u.digest for u in page], [digest(5)])
+
+    @inlineCallbacks
+    def test_binary_digests_and_glob_prefix(self) -> Any:
+        """Digests with glob and protocol bytes are listed under a prefix with glob characters."""
+        backend = self.make(prefix="f*[?]")
+        odd = [b"*" * 64, b"?" * 64, b"\r\n" * 32, b"\x00" * 64, b"[" + b"\xff" * 63]
+        yield backend.apply([Update(UpdateKind.ADD, d, 1, 2) for d in odd])
+        yield self.backend.apply([add(1)])
+        page = yield backend.scan(None, 10)
+        self.assertEqual([u.digest for u in page], sorted(odd))
+
+    @inlineCallbacks
+    def test_hash_deleted_during_pass_skipped(self) -> Any:
+        """A hash deleted after the pass started is left out; the page is filled from later ones."""
+        yield self.backend.apply([add(n) for n in range(1, 7)])
+        first = yield self.backend.scan(None, 2)
+        yield self.backend.apply([Update(UpdateKind.DEL, digest(n), 1) for n in (3, 4)])
+        second = yield self.backend.scan(first[-1].digest, 2)
+        self.assertEqual([u.digest for u in first + second],
+                         [digest(1), digest(2), digest(5), digest(6)])
+
+    @inlineCallbacks
+    def test_values_read_per_page(self) -> Any:
+        """A page reports the weight stored when it is read, not when the pass started."""
+        yield self.backend.apply([add(1), add(2)])
+        yield self.backend.scan(None, 1)
+        yield self.backend.apply([add(2, value=4)])
+        second = yield self.backend.scan(digest(1), 1)
+        self.assertEqual(second, [Update(UpdateKind.ADD, digest(2), 1, 5)])
+
+    @inlineCallbacks
+    def test_pass_reuses_its_listing(self) -> Any:
+        """Later pages bisect the listing made when the pass started; a new pass lists anew."""
+        yield self.backend.apply([add(1), add(3)])
+        yield self.backend.scan(None, 1)
+        yield self.backend.apply([add(2)])
+        same_pass = yield self.backend.scan(digest(1), 10)
+        new_pass = yield self.backend.scan(None, 10)
+        self.assertEqual(([u.digest for u in same_pass], [u.digest for u in new_pass]),
+                         ([digest(3)], [digest(1), digest(2), digest(3)]))
+
+    @inlineCallbacks
+    def test_idle_listing_dropped(self) -> Any:
+        """A listing unused for SCAN_LISTING_IDLE seconds is dropped; the next page lists anew."""
+        clock = Clock()
+        backend = self.make(clock=clock)
+        yield backend.apply([add(1), add(3)])
+        yield backend.scan(None, 1)
+        yield backend.apply([add(2)])
+        clock.advance(SCAN_LISTING_IDLE - 1)
+        kept = yield backend.scan(digest(1), 10)
+        clock.advance(SCAN_LISTING_IDLE)
+        relisted = yield backend.scan(digest(1), 10)
+        self.assertEqual(([u.digest for u in kept], [u.digest for u in relisted]),
+                         ([digest(3)], [digest(2), digest(3)]))
+
+    @inlineCallbacks
+    def test_older_listing_finishing_last_is_not_kept(self) -> Any:
+        """Of two overlapping passes, later pages use the listing started last,
+        even when the earlier listing completes after it."""
+        yield self.backend.apply([add(1), add(3)])
+        arrived: Deferred[None] = Deferred()
+        release: Deferred[None] = Deferred()
+        command_on = self.backend._command_on
+
+        def hold_first_scan(server: Any, *args: Any) -> Deferred[Any]:
+            d = command_on(server, *args)
+            if args[0] == "SCAN" and not arrived.called:
+                def hold(reply: Any) -> Deferred[Any]:
+                    arrived.callback(None)
+                    return release.addCallback(lambda _: reply)
+                d.addCallback(hold)
+            return d
+
+        self.patch(self.backend, "_command_on", hold_first_scan)
+        first = self.backend.scan(None, 1)
+        yield arrived
+        yield self.raw.execute_command("HSET", b"fuzzy" + digest(2), "V", "1", "F", "1")
+        second = yield self.backend.scan(None, 1)
+        release.callback(None)
+        first_page = yield first
+        page = yield self.backend.scan(digest(1), 10)
+        self.assertEqual(([u.digest for u in first_page + second], [u.digest for u in page]),
+                         ([digest(1), digest(1)], [digest(2), digest(3)]))
+
+    @inlineCallbacks
+    def test_unavailable_when_redis_is_gone(self) -> Any:
+        """With Redis down, scan fails with BackendUnavailable within the timeout."""
+        yield self.backend.apply([add(1)])
+        yield self.redis.kill()
+        started = reactor.seconds()
+        yield self.assertFailure(self.backend.scan(None, 10), BackendUnavailable)
+        self.assertLess(reactor.seconds() - started, 1.5)
+
+    @inlineCallbacks
+    def test_reads_from_read_servers(self) -> Any:
+        """A backend with only read_servers lists the hashes stored there."""
+        yield self.backend.apply([add(1), add(2)])
+        backend = self.make(servers=None, read_servers=self.redis.address)
+        pages = yield scan_all(backend, 1)
+        self.assertEqual([[u.digest for u in page] for page in pages], [[digest(1)], [digest(2)]])

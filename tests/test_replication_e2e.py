@@ -306,3 +306,65 @@ class RedisReplicationTests(unittest.TestCase):
             assert storage.backend is not None
             weights = yield self.setup.weights(storage.backend, updates)
             self.assertEqual(weights, [n + 1 for n in range(10)])
+
+
+@inlineCallbacks
+def scanned(backend: Any) -> Any:
+    """Every hash ``backend.scan`` lists, as ``(digest, flag, weight)`` in digest order."""
+    hashes: list[tuple[bytes, int, int]] = []
+    cursor = None
+    while True:
+        page = yield backend.scan(cursor, 100)
+        if not page:
+            return hashes
+        hashes += [(update.digest, update.flag, update.value) for update in page]
+        cursor = page[-1].digest
+
+
+class RedisResyncTests(unittest.TestCase):
+    """A master on Redis whose log is too short for a slave that was away; slaves on Redis."""
+
+    skip = skip_unless_redis()
+
+    @inlineCallbacks
+    def setUp(self) -> Any:  # type: ignore[override]
+        self.redis = []
+        for _ in range(3):
+            peer = yield start_redis(reactor)
+            self.addCleanup(peer.stop)
+            self.redis.append(peer)
+        self.setup = ReplicationSetup(self, lambda index: redis_backend(self.redis[index].address),
+                                      log_size=5)
+        yield self.setup.start()
+
+    @inlineCallbacks
+    def test_slave_beyond_log_resynced_from_redis(self) -> Any:
+        """A slave away for longer than the log is copied in full from the master's Redis.
+
+        The copy is read in pages of 7 hashes; hashes deleted on the master
+        meanwhile are pruned from the slave's Redis, so both slaves end with
+        exactly the master's hashes, flags and weights.
+        """
+        for n in range(10):
+            yield self.setup.write(learned(n))
+        yield poll(self.setup.converged)
+        away = self.setup.slaves[0]
+        assert self.setup.master is not None and self.setup.backend is not None
+        self.setup.master.resync_chunk = 7
+        link = self.setup.master.links[str(away.address)]
+        resyncs = link.resyncs
+        yield away.stop()
+        for n in range(10, 30):
+            yield self.setup.write(learned(n), learned(n - 10, 4))
+        yield self.setup.write(*[Update(UpdateKind.DEL, learned(n).digest, 1) for n in range(5)])
+        yield away.start()
+        yield poll(self.setup.converged)
+        self.assertEqual(link.resyncs, resyncs + 1)
+        assert away.backend is not None
+        weights = yield self.setup.weights(away.backend, [learned(n) for n in range(30)])
+        self.assertEqual(weights, [0] * 5 + [5] * 15 + [1] * 10)
+        on_master = yield scanned(self.setup.backend)
+        self.assertEqual(len(on_master), 25)
+        for storage in self.setup.slaves:
+            on_slave = yield scanned(storage.backend)
+            self.assertEqual(on_slave, on_master)
