@@ -731,3 +731,32 @@ class RedisFallbackTests(unittest.TestCase):
         _, diagnostics = self.fuzzy_redis('redis {\n  timeout = "later";\n}\nworker "fuzzy" { }\n')
         self.assertEqual([d.severity for d in diagnostics], ["error"])
         self.assertEqual(diagnostics[0].location, Location("rspamd.conf", 2, 3))
+
+
+class ActionsTests(unittest.TestCase):
+    """Rspamd's ``actions { }`` section registers the action names replies may use."""
+
+    def test_standard_actions_without_section(self) -> None:
+        """Without an actions section only Rspamd's standard actions exist."""
+        config, _ = check_config(ucl.loads(""))
+        self.assertEqual(
+            config.actions,
+            {"reject", "soft reject", "rewrite subject", "add header", "greylist", "no action"},
+        )
+
+    def test_declared_actions_registered(self) -> None:
+        """Declared actions are added with underscores read as spaces; settings are not actions."""
+        config, diagnostics = check_config(
+            ucl.loads(
+                "actions { reject = 15; add_header = 6; discard { flags = [\"no_threshold\"]; }\n"
+                " quarantine = null; my_custom { score = 30; } subject = \"***SPAM*** %s\";\n"
+                " grow_factor = 1.1; }\n"
+            )
+        )
+        self.assertEqual(messages(diagnostics), [])
+        self.assertIn("discard", config.actions)
+        self.assertIn("quarantine", config.actions)
+        self.assertIn("my custom", config.actions)
+        self.assertIn("add header", config.actions)
+        self.assertNotIn("subject", config.actions)
+        self.assertNotIn("grow factor", config.actions)

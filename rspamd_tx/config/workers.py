@@ -883,6 +883,12 @@ class WorkerConfig:
     options: WorkerOptions
 
 
+#: The actions every Rspamd configuration has; others exist once ``actions { }`` declares them.
+STANDARD_ACTIONS = frozenset(
+    {"reject", "soft reject", "rewrite subject", "add header", "greylist", "no action"}
+)
+
+
 @dataclass(frozen=True)
 class Config:
     """The checked configuration."""
@@ -891,6 +897,7 @@ class Config:
     logging: LoggingOptions
     workers: tuple[WorkerConfig, ...]
     redis: RedisOptions = RedisOptions()
+    actions: frozenset[str] = STANDARD_ACTIONS
 
     def fuzzy_redis(self, fuzzy: FuzzyOptions) -> RedisServers | None:
         """The Redis settings a fuzzy storage uses, as Rspamd chooses them.
@@ -1007,6 +1014,25 @@ def _check_worker(
     return WorkerConfig(worker_type, common, options)
 
 
+#: Keys of Rspamd's ``actions { }`` section that are settings, not actions.
+_ACTION_SETTINGS = frozenset({"unknown_weight", "grow_factor", "subject"})
+
+
+def _registered_actions(section: Any) -> frozenset[str]:
+    """The action names Rspamd registers from an ``actions { }`` section.
+
+    Keys are written with underscores (``add_header``, ``soft_reject``) and name actions with
+    spaces, as ``rspamd_action_from_str`` reads them; ``unknown_weight``, ``grow_factor``
+    and ``subject`` are settings. A section that is not an object registers nothing new.
+    """
+    declared = set(STANDARD_ACTIONS)
+    if isinstance(section, dict):
+        for key in section:
+            if key not in _ACTION_SETTINGS:
+                declared.add(key.replace("_", " "))
+    return frozenset(declared)
+
+
 def check_config(tree: UclObject) -> tuple[Config, list[Diagnostic]]:
     """Check a whole parsed configuration.
 
@@ -1026,5 +1052,11 @@ def check_config(tree: UclObject) -> tuple[Config, list[Diagnostic]]:
         worker = _check_worker(worker_type, section, location, diagnostics)
         if worker is not None:
             workers.append(worker)
-    config = Config(built["options"], built["logging"], tuple(workers), built["redis"])
+    config = Config(
+        built["options"],
+        built["logging"],
+        tuple(workers),
+        built["redis"],
+        _registered_actions(_merge_sections(tree.get("actions"))),
+    )
     return config, diagnostics
