@@ -276,8 +276,8 @@ class WorkerService(MultiService):
             kinds.add(SocketKind.STREAM)
         if first_datagram is not None:
             kinds.add(SocketKind.DATAGRAM)
-        self._listening = True
         self._sockets = self._sockets_source(kinds)
+        self._listening = True
         pending = [first_datagram]
 
         def datagram() -> DatagramProtocol:

@@ -152,6 +152,24 @@ class WorkerServiceTests(unittest.TestCase):
         self.assertEqual(service.limited,  # type: ignore[attr-defined]
                          [service.worker])
 
+    def test_failed_bind_retried_on_start(self) -> None:
+        """A socket source that fails leaves the worker not listening, so start binds again."""
+        service, clock, _ = self.make()
+        working = service._sockets_source
+        calls: list[Any] = []
+
+        def failing_once(kinds: Any) -> list[socket.socket]:
+            calls.append(kinds)
+            if len(calls) == 1:
+                raise OSError("address in use")
+            return working(kinds)
+
+        service._sockets_source = failing_once
+        self.assertRaises(OSError, service.privilegedStartService)
+        service.startService()
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(len(clock.adoptedPorts), 1)
+
     def test_stop_waits_for_drain(self) -> None:
         """Stopping closes listeners, then waits for in-flight work."""
         service, clock, _ = self.make()
