@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zstandard
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -17,7 +17,9 @@ from rspamd_tx.config import ucl
 from rspamd_tx.config.tree import UclObject
 from rspamd_tx.config.workers import GlobalOptions, ProxyOptions, check_config
 from rspamd_tx.proxy.scanning import FailureClass, IScanner, ScanFailure, ScanReply, ScanRequest
-from rspamd_tx.proxy.upstream_scanner import HealthSettings, UpstreamScanner
+from rspamd_tx.protocols.httpcrypt import decrypt_request, encrypt_reply
+from rspamd_tx.protocols.keypair import Keypair, PublicKey
+from rspamd_tx.proxy.upstream_scanner import HealthSettings, UpstreamScanner, address_is_local
 from rspamd_tx.upstreams.balancer import AttemptOutcome, UpstreamState
 from rspamd_tx.upstreams.http_client import (
     BadReply,
@@ -264,8 +266,8 @@ class BlockHeaderTests(ScannerTestCase):
 
     config = """
     upstream {
-      local {
-        default = yes; hosts = "127.0.0.1"; settings_id = "strict"; keepalive = yes;
+      remote {
+        default = yes; hosts = "192.0.2.10"; settings_id = "strict"; keepalive = yes;
         extra_headers { "MTA-Name" = "edge"; }
         compression = yes;
       }
@@ -283,21 +285,89 @@ class BlockHeaderTests(ScannerTestCase):
         self.assertEqual(
             self.client.calls[0].headers,
             [
-                ("Host", "127.0.0.1"),
+                ("Host", "192.0.2.10"),
                 ("Connection", "keep-alive"),
                 ("Rcpt", "a@b"),
                 ("Settings-ID", "strict"),
                 ("MTA-Name", "edge"),
                 ("User-Agent", "rspamd-tx/0.1.0"),
+                ("Content-Type", "application/octet-stream"),
                 ("Compression", "zstd"),
             ],
         )
 
     def test_compression(self) -> None:
-        """With compression the body travels as a zstd frame."""
+        """With compression the body travels as one zstd frame with its content size."""
+        self.scan(ScanRequest(headers=((b"Content-Type", b"text/plain"),), body=b"message body"))
+        call = self.client.calls[0]
+        self.assertEqual(zstandard.ZstdDecompressor().decompress(call.body), b"message body")
+        self.assertEqual(
+            [value for name, value in call.headers if name.lower() == "content-type"],
+            ["application/octet-stream"],
+        )
+
+    def test_client_compressed_body_untouched(self) -> None:
+        """A body the client compressed already is forwarded as it came."""
+        frame = zstandard.ZstdCompressor().compress(b"m")
+        self.scan(ScanRequest(headers=((b"Compression", b"zstd"),), body=frame))
+        call = self.client.calls[0]
+        self.assertEqual(call.body, frame)
+        self.assertEqual([v for n, v in call.headers if n == "Compression"], ["zstd"])
+
+    def test_empty_body_not_compressed(self) -> None:
+        """An empty body stays empty, without compression headers."""
+        self.scan(ScanRequest(headers=(), body=b""))
+        call = self.client.calls[0]
+        self.assertEqual(call.body, b"")
+        self.assertNotIn("Compression", [name for name, _ in call.headers])
+
+
+class LocalCompressionTests(ScannerTestCase):
+    """Local upstreams never get compressed bodies (spec §4.3)."""
+
+    config = """
+    upstream {
+      loop { default = yes; hosts = "127.0.0.1"; compression = yes; }
+      forced { hosts = "192.0.2.10"; compression = yes; local = yes; }
+      v6 { hosts = "[fe80::1]:11333"; compression = yes; }
+    }
+    """
+
+    def test_loopback_not_compressed(self) -> None:
+        """A loopback upstream gets the body as it came."""
         self.scan(ScanRequest(headers=(), body=b"message body"))
-        body = self.client.calls[0].body
-        self.assertEqual(zstandard.ZstdDecompressor().decompress(body), b"message body")
+        self.assertEqual(self.client.calls[0].body, b"message body")
+
+    def test_local_option_not_compressed(self) -> None:
+        """local = true turns compression off for any address."""
+        self.scan(ScanRequest(headers=(), body=b"message body", route=b"forced"))
+        self.assertEqual(self.client.calls[0].body, b"message body")
+
+    def test_link_local_v6_not_compressed(self) -> None:
+        """An fe80::/10 upstream is local."""
+        self.scan(ScanRequest(headers=(), body=b"message body", route=b"v6"))
+        self.assertEqual(self.client.calls[0].body, b"message body")
+
+
+class AddressLocalityTests(unittest.TestCase):
+    """address_is_local follows rspamd_inet_address_is_local."""
+
+    def test_table(self) -> None:
+        """Unix paths, 127/8, ::1, fe80::/10 and fec0::/10 are local; others are not."""
+        table = [
+            ("/run/rspamd.sock", True),
+            (UNIXAddress("/run/rspamd.sock"), True),
+            (IPv4Address("TCP", "127.0.0.1", 11333), True),
+            (IPv4Address("TCP", "127.3.4.5", 11333), True),
+            (IPv4Address("TCP", "192.0.2.1", 11333), False),
+            (IPv6Address("TCP", "::1", 11333), True),
+            (IPv6Address("TCP", "fe80::1%lo", 11333), True),
+            (IPv6Address("TCP", "fec0::1", 11333), True),
+            (IPv6Address("TCP", "2001:db8::1", 11333), False),
+            (("10.0.0.1", 11333), False),
+            (("scanner.example", 11333), False),
+        ]
+        self.assertEqual([(a, address_is_local(a)) for a, _ in table], table)
 
 
 class ReplyTransformTests(ScannerTestCase):
@@ -332,19 +402,37 @@ class ReplyTransformTests(ScannerTestCase):
         self.assertEqual(reply.headers, ((b"Content-Type", b"application/json"),))
 
     def test_bad_zstd_reply(self) -> None:
-        """A reply that claims zstd but is not fails as a bad reply."""
-        [failure] = self.scan_and_answer(
-            ScannerResponse(200, "OK", (("Compression", "zstd"),), b"not zstd")
-        )
+        """A reply that claims zstd but is not is a bad reply: retried, then 500."""
+        seen = self.scan()
+        for index in range(5):
+            self.client.calls[index].deferred.callback(
+                ScannerResponse(200, "OK", (("Compression", "zstd"),), b"not zstd")
+            )
+            self.clock.advance(0)
+        self.assertEqual(len(self.client.calls), 5)
+        [failure] = seen
         self.assertEqual(failure.value.kind, FailureClass.BAD_REPLY)
         self.assertEqual(failure.value.status, 500)
+        self.assertTrue(failure.value.reason.startswith("cannot decompress reply"))
+
+    def test_bad_zstd_reply_retried_elsewhere(self) -> None:
+        """After a reply that does not decompress, the next upstream's reply is relayed."""
+        seen = self.scan()
+        self.client.calls[0].deferred.callback(
+            ScannerResponse(200, "OK", (("Compression", "zstd"),), b"not zstd")
+        )
+        self.clock.advance(0)
+        self.client.calls[1].deferred.callback(JSON_REPLY)
+        [reply] = seen
+        self.assertEqual(reply.result(), {"action": "reject"})
+        self.assertNotEqual(self.client.calls[0].address, self.client.calls[1].address)
 
     def test_zstd_bomb_refused(self) -> None:
         """A zstd reply inflating past max_message fails without being inflated whole."""
-        self.scanner.options = proxy_options("max_message = 1000; " + TWO_BLOCKS)
+        self.scanner.options = proxy_options("max_retries = 1; max_message = 1000; " + TWO_BLOCKS)
         body = zstandard.ZstdCompressor().compress(b"x" * 100000)
         [failure] = self.scan_and_answer(ScannerResponse(200, "OK", (("Compression", "zstd"),), body))
-        self.assertEqual(failure.value.reason, "decompressed reply too large")
+        self.assertIn("more than the bound of 1000", failure.value.reason)
 
     def test_http_error_relayed_not_retried(self) -> None:
         """A scanner's 500 reply is a reply: relayed, no second attempt."""
@@ -432,19 +520,101 @@ class RetryTests(ScannerTestCase):
         self.assertEqual(len(cancelled), 1)
 
 
-class UnsupportedBlockTests(ScannerTestCase):
-    """Blocks the scanner does not serve."""
+SCANNER_KEYPAIR = Keypair.generate()
+
+
+def encrypted_reply(request: Call, status: int, reason: str, headers: Any, body: bytes) -> ScannerResponse:
+    """What a scanner holding SCANNER_KEYPAIR answers to the encrypted ``request``."""
+    opened = decrypt_request(request.headers, request.body, SCANNER_KEYPAIR)
+    raw = encrypt_reply(
+        status, reason, headers, body, opened.nm, server="rspamd/3.4",
+        date="Mon, 23 Nov 2026 17:00:00 GMT", content_type="application/json",
+    )
+    _, outer_body = raw.split(b"\r\n\r\n", 1)
+    return ScannerResponse(200, "OK", (("Content-Type", "application/octet-stream"),), outer_body)
+
+
+class EncryptionTests(ScannerTestCase):
+    """Blocks with a backend key speak HTTPCrypt (httpcrypt.md §5)."""
 
     config = (
-        'upstream { enc { default = yes; hosts = "127.0.0.1";'
-        ' key = "kbhx7epiyugwfuiqqkdxmz3u45g4s6anc8bc8cpewkxfd9o5sxpy"; } }'
+        "max_retries = 2; upstream { enc { default = yes; hosts = \"192.0.2.10,192.0.2.11\";"
+        f" key = \"{PublicKey(SCANNER_KEYPAIR.public_key).encode()}\";"
+        " compression = yes; settings_id = \"sid1\"; } }"
     )
 
-    def test_encrypted_block_never_sent_in_clear(self) -> None:
-        """A block with a backend key fails the scan without sending anything."""
-        [failure] = self.scan()
-        self.assertEqual(failure.value.status, 501)
-        self.assertEqual(self.client.calls, [])
+    def test_outer_request(self) -> None:
+        """The request goes out as POST /post with the Key header and the upstream as Host."""
+        self.scan()
+        call = self.client.calls[0]
+        self.assertEqual((call.method, call.target), ("POST", "/post"))
+        names = [name for name, _ in call.headers]
+        self.assertEqual(names, ["Connection", "Host", "Content-Length", "Content-Type", "Key"])
+        self.assertEqual(dict(call.headers)["Host"], call.address.host)
+        self.assertNotIn(b"msg", call.body)
+
+    def test_inner_request(self) -> None:
+        """The scanner decrypts the client's request, transformed and compressed, inside."""
+        self.scan(
+            ScanRequest(headers=((b"Settings-ID", b"lax"), (b"Rcpt", b"a@b")), body=b"message body")
+        )
+        call = self.client.calls[0]
+        inner = decrypt_request(call.headers, call.body, SCANNER_KEYPAIR)
+        self.assertEqual((inner.method, inner.target), ("POST", "/checkv2"))
+        self.assertEqual(inner.get("Settings-ID"), "sid1")
+        self.assertEqual(inner.get("Rcpt"), "a@b")
+        self.assertEqual(inner.get("Compression"), "zstd")
+        self.assertEqual(inner.get("Content-Type"), "application/octet-stream")
+        self.assertIsNone(inner.get("Host"))
+        self.assertEqual(zstandard.ZstdDecompressor().decompress(inner.body), b"message body")
+
+    def test_reply_decrypted_and_decompressed(self) -> None:
+        """The encrypted, compressed reply is relayed in clear, without compression headers."""
+        seen = self.scan()
+        call = self.client.calls[0]
+        body = zstandard.ZstdCompressor(write_content_size=False).compress(b'{"action":"reject"}')
+        call.deferred.callback(
+            encrypted_reply(call, 200, "OK", [("Compression", "zstd"), ("Message-Offset", "19")], body)
+        )
+        [reply] = seen
+        self.assertEqual(reply.result(), {"action": "reject"})
+        self.assertEqual(reply.content_type(), b"application/json")
+        self.assertEqual(
+            [name for name, _ in reply.headers], [b"Content-Type", b"Message-Offset"]
+        )
+
+    def test_undecryptable_reply_retried(self) -> None:
+        """A reply that does not decrypt is a bad reply and the scan moves on."""
+        seen = self.scan()
+        self.client.calls[0].deferred.callback(JSON_REPLY)
+        self.clock.advance(0)
+        call = self.client.calls[1]
+        call.deferred.callback(encrypted_reply(call, 200, "OK", [], b"{}"))
+        [reply] = seen
+        self.assertEqual(reply.body, b"{}")
+        self.assertEqual(reply.tried, (self.client.calls[0].address.host, call.address.host))
+
+    def test_undecryptable_replies_fail(self) -> None:
+        """When no attempt decrypts, the scan fails as a bad reply."""
+        seen = self.scan()
+        for index in range(2):
+            self.client.calls[index].deferred.callback(JSON_REPLY)
+            self.clock.advance(0)
+        [failure] = seen
+        self.assertEqual(failure.value.kind, FailureClass.BAD_REPLY)
+        self.assertTrue(failure.value.reason.startswith("cannot decrypt reply"))
+
+    def test_client_keypair_reused(self) -> None:
+        """Until the first rotation each request gets a fresh client key; afterwards one is shared."""
+        for _ in range(2):
+            self.scan()
+        first, second = (dict(call.headers)["Key"] for call in self.client.calls)
+        self.assertNotEqual(first.split("=")[1], second.split("=")[1])
+        self.clock.advance(241)
+        for _ in range(2):
+            self.scan()
+        third, fourth = (dict(call.headers)["Key"] for call in self.client.calls[-2:])
+        self.assertEqual(third, fourth)
 
 
 class ObserverAndUpdateTests(ScannerTestCase):

@@ -3,7 +3,10 @@
 A :class:`ProxyWorker` wires one ``worker "rspamd_proxy"`` section together:
 
 * an :class:`~rspamd_tx.proxy.upstream_scanner.UpstreamScanner` over its
-  ``upstream`` blocks, with ``/ping`` health checks;
+  ``upstream`` blocks, with ``/ping`` health checks; when the worker has
+  ``mirror`` blocks or ``script``\ s it is wrapped in a
+  :class:`~rspamd_tx.proxy.mirrors.MirroringScanner` that copies sessions to
+  the mirrors and runs the compare scripts, and the listener scans through that;
 * the failure policy table of its ``failure_policy { }``;
 * the stream listener: with ``milter = no`` the HTTP/legacy listener
   (:mod:`rspamd_tx.proxy.http_listener`); with ``milter = yes`` the milter
@@ -12,9 +15,10 @@ A :class:`ProxyWorker` wires one ``worker "rspamd_proxy"`` section together:
 * :class:`~rspamd_tx.metrics.ProxyMetrics` fed by the balancers, served on the
   worker's ``metrics`` address when one is configured.
 
-``reconfigure`` (SIGHUP) hands the new upstream blocks to the scanner, which
-keeps the state of upstreams that remain, and the new options and policy to
-the listener.
+``reconfigure`` (SIGHUP) hands the new upstream and mirror blocks to the
+scanners, which keep the state of upstreams that remain (scripts and parsers
+are reloaded), and the new options and policy to the listener.  The first
+mirror or script added to a worker that had none takes effect on restart.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from rspamd_tx.config.workers import GlobalOptions, ProxyOptions
 from rspamd_tx.metrics import MetricsService, ProxyMetrics
 from rspamd_tx.proxy.failure_policy import FailurePolicyTable
 from rspamd_tx.proxy.http_listener import HttpListenerFactory
+from rspamd_tx.proxy.mirrors import MirroringScanner
 from rspamd_tx.proxy.upstream_scanner import HealthSettings, UpstreamScanner
 from rspamd_tx.upstreams.resolve import make_resolver
 
@@ -54,17 +59,23 @@ MILTER_MODULE = "rspamd_tx.proxy.milter_listener"
 
 
 class ScannerService(Service):
-    """Runs an :class:`UpstreamScanner`: resolves names on start, closes connections on stop."""
+    """Runs an :class:`UpstreamScanner` (and its mirrors): resolves names on
+    start, cancels timers and closes connections on stop."""
 
-    def __init__(self, scanner: UpstreamScanner) -> None:
+    def __init__(self, scanner: UpstreamScanner, mirrors: MirroringScanner | None = None) -> None:
         self.scanner = scanner
+        self.mirrors = mirrors
 
     def startService(self) -> None:
         Service.startService(self)
         self.scanner.start()
+        if self.mirrors is not None:
+            self.mirrors.start()
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
+        if self.mirrors is not None:
+            self.mirrors.stop()
         return self.scanner.stop()
 
 
@@ -88,6 +99,8 @@ class ProxyWorker:
 
     Attributes:
         scanner: the upstream scanner.
+        mirrors: ``scanner`` plus mirrors and compare scripts, when the
+            worker has any (the listener then scans through it), else ``None``.
         policy: the failure policy table.
         metrics: this process's metrics.
         factory: the stream listener's factory.
@@ -110,6 +123,9 @@ class ProxyWorker:
             health=HealthSettings(),
         )
         self.scanner.add_observer(self.metrics.observe)
+        self.mirrors: MirroringScanner | None = None
+        if options.mirrors or options.scripts:
+            self.mirrors = MirroringScanner(self.scanner, global_options, resolver=_resolver(reactor))
         self._track_upstreams()
         self._health = MultiService()
         for checker in self.scanner.health_checkers():
@@ -136,11 +152,16 @@ class ProxyWorker:
             if importlib.util.find_spec(MILTER_MODULE) is not None:
                 module = importlib.import_module(MILTER_MODULE)
                 factory: IProtocolFactory = module.MilterFactory(
-                    self.scanner, options, self.policy, self.reactor
+                    self._listener_scanner(), options, self.policy, self.reactor
                 )
                 return factory
             log.error("milter = yes but the milter listener is not installed; serving HTTP instead")
-        return HttpListenerFactory(self.scanner, options, self.policy, self.reactor, metrics=self.metrics)
+        return HttpListenerFactory(
+            self._listener_scanner(), options, self.policy, self.reactor, metrics=self.metrics
+        )
+
+    def _listener_scanner(self) -> UpstreamScanner | MirroringScanner:
+        return self.mirrors if self.mirrors is not None else self.scanner
 
     def stream_factory(self) -> IProtocolFactory:
         return self.factory
@@ -150,7 +171,7 @@ class ProxyWorker:
 
     def services(self) -> list[IService]:
         """The scanner, its health checks and, with ``metrics`` set, the metrics endpoint."""
-        services: list[IService] = [ScannerService(self.scanner), self._health]
+        services: list[IService] = [ScannerService(self.scanner, self.mirrors), self._health]
         if self.options.metrics:
             services.append(MetricsService(self.options.metrics, self.metrics.registry, self.reactor))
         return services
@@ -165,6 +186,10 @@ class ProxyWorker:
         before = self._upstream_names()
         for checker in self.scanner.update(options, config.options):
             self._add_health(checker)
+        if self.mirrors is not None:
+            self.mirrors.update(options, config.options)
+        elif options.mirrors or options.scripts:
+            log.warn("mirrors and compare scripts added to a worker without any take effect on restart")
         for checker in list(self._health):
             if checker not in self.scanner.health_checkers():
                 checker.disownServiceParent()

@@ -21,11 +21,23 @@ For each :class:`~rspamd_tx.proxy.scanning.ScanRequest`:
   ones, ``User-Agent`` when absent, ``IP`` (the client address) when absent,
   ``Log-Tag`` per ``log_tag_type`` when absent (Rspamd 3.12+; older scanners
   only store it);
-  the body inline with ``POST`` (zstd-compressed with ``Compression: zstd`` when
-  the block says ``compression`` and the client did not compress);
+  the body inline with ``POST``; with ``compression`` a non-empty body the
+  client did not compress travels as one zstd frame (``Compression: zstd``,
+  ``Content-Type: application/octet-stream``) unless the upstream is local
+  (``local = true``, or a loopback, link-local, site-local or unix address).
+  Rspamd's proxy keeps HTTP-mode bodies in shared memory and so compresses
+  only milter traffic; here bodies are always in memory and requests of HTTP
+  clients are compressed too;
+* **encryption** (httpcrypt.md §5): with a block ``key`` each attempt is an
+  HTTPCrypt exchange: the request above (compressed first, without ``Host``
+  and ``Connection``) becomes the inner request of an outer ``POST /post``
+  whose ``Host`` is the upstream name, the client keypair kept
+  like Rspamd's HTTP context (:class:`~rspamd_tx.protocols.httpcrypt.ClientKeys`),
+  and the reply is decrypted before anything else looks at it;
 * **retries** (§4.2) by the balancer: at most ``max_retries`` attempts (0: no
-  limit) on any connection failure, timeout or malformed reply, each attempt
-  bounded by the block's ``timeout``; any HTTP reply ends the scan;
+  limit) on any connection failure, timeout or malformed reply (a reply that
+  does not decrypt or decompress included), each attempt bounded by the
+  block's ``timeout``; any other HTTP reply ends the scan;
 * **reply** (§4.4): ``Content-Length``, ``Connection``, ``Date``, ``Server``,
   ``Key`` and ``Transfer-Encoding`` dropped; a zstd body decompressed (and its
   ``Compression``/``Content-Encoding`` header dropped); other headers kept in order;
@@ -36,26 +48,41 @@ For each :class:`~rspamd_tx.proxy.scanning.ScanRequest`:
 Host names in ``hosts`` are resolved when the scanner starts; a scan arriving
 before that finished waits for it instead of failing.
 
-``self_scan`` blocks and blocks with a backend ``key`` (HTTPCrypt) are not
-served: a scan routed to one fails (``BAD_REPLY``, 501), never sent in clear.
+``self_scan`` blocks are not served: a scan routed to one fails
+(``BAD_REPLY``, 501).  Rspamd's shared-memory bodies for local upstreams are
+not used: bodies always travel inline with ``POST``.
+
+:class:`RequestSender` is the per-attempt part (headers, compression,
+encryption, reply decoding) shared with the mirrors of
+:mod:`rspamd_tx.proxy.mirrors`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import zstandard
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rspamd_tx import __version__
-from rspamd_tx.config.workers import GlobalOptions, ProxyOptions, UpstreamBlock
-from rspamd_tx.protocols.http_codec import header_value
+from rspamd_tx.config.workers import GlobalOptions, MirrorBlock, ProxyOptions, UpstreamBlock
+from rspamd_tx.protocols.compression import (
+    CompressionError,
+    compress,
+    decompress,
+    reply_is_compressed,
+    without_compression_headers,
+)
+from rspamd_tx.protocols.http_codec import HttpLimits, header_value
+from rspamd_tx.protocols.httpcrypt import ClientKeys, EncryptedRequest, HttpCryptError
+from rspamd_tx.protocols.keypair import PublicKey
 from rspamd_tx.proxy.scanning import (
     FailureClass,
     IScanner,
@@ -78,6 +105,7 @@ from rspamd_tx.upstreams.balancer import (
 )
 from rspamd_tx.upstreams.hosts import DEFAULT_PROXY_PORT, parse_upstreams
 from rspamd_tx.upstreams.http_client import (
+    BadReply,
     ConnectError,
     ScannerClient,
     ScannerError,
@@ -87,10 +115,14 @@ from rspamd_tx.upstreams.http_client import (
 
 __all__ = [
     "Backend",
+    "COMPRESSED_CONTENT_TYPE",
     "DEFAULT_USER_AGENT",
     "HealthSettings",
+    "RequestSender",
+    "TargetBlock",
     "UpstreamObserver",
     "UpstreamScanner",
+    "address_is_local",
     "limits_for",
     "request_headers",
     "reply_from_response",
@@ -109,7 +141,13 @@ _DROPPED_REQUEST = frozenset(
 _DROPPED_REPLY = frozenset(
     {"content-length", "connection", "date", "server", "key", "transfer-encoding"}
 )
-_ZSTD_HEADERS = ("compression", "content-encoding")
+#: ``Content-Type`` of a request body the proxy compressed (Rspamd's proxy sends this).
+COMPRESSED_CONTENT_TYPE = "application/octet-stream"
+#: Inner-request headers that belong to the outer request of an HTTPCrypt exchange.
+_OUTER_ONLY = frozenset({"host", "connection"})
+
+#: An ``upstream`` or a ``mirror`` block: both say how requests to them are transformed.
+TargetBlock = UpstreamBlock | MirrorBlock
 
 #: Receives ``(block name, event)`` for every balancer event of every block.
 UpstreamObserver = Callable[[str, BalancerEvent], None]
@@ -147,7 +185,7 @@ def limits_for(options: ProxyOptions, global_options: GlobalOptions, timeout: fl
 
 def request_headers(
     request: ScanRequest,
-    block: UpstreamBlock,
+    block: TargetBlock,
     upstream_name: str,
     *,
     user_agent: str = DEFAULT_USER_AGENT,
@@ -157,16 +195,22 @@ def request_headers(
 ) -> list[tuple[str, str]]:
     """The headers sent to ``upstream_name`` of ``block`` for ``request`` (§4.3).
 
-    ``compressed`` adds ``Compression: zstd`` (the caller compressed the body).
+    ``compressed`` adds ``Compression: zstd`` and sets ``Content-Type:
+    application/octet-stream`` (the caller compressed the body).  Mirror blocks
+    have no ``extra_headers`` or ``keepalive``.
     ``log_tag_type`` (the block's, else the worker's) chooses the ``Log-Tag``
     added when the client sent none: ``session``/``session_tag`` the request's
     log tag, ``queue_id``/``queue-id`` the client's ``Queue-ID`` (else the log
     tag), ``none``/``skip`` nothing.  Header bytes are carried as ISO-8859-1
     text so every byte survives.
     """
-    replaced = {name.lower() for name in (block.extra_headers or {})}
+    extra_headers: dict[str, str] = dict(getattr(block, "extra_headers", None) or {})
+    keepalive: bool = getattr(block, "keepalive", False)
+    replaced = {name.lower() for name in extra_headers}
     if block.settings_id is not None:
         replaced.add("settings-id")
+    if compressed:
+        replaced.add("content-type")
     headers: list[tuple[str, str]] = []
     for raw_name, raw_value in request.headers:
         name = raw_name.decode("latin-1")
@@ -176,7 +220,7 @@ def request_headers(
         headers.append((name, raw_value.decode("latin-1")))
     if block.settings_id is not None:
         headers.append(("Settings-ID", block.settings_id))
-    for name, value in (block.extra_headers or {}).items():
+    for name, value in extra_headers.items():
         headers.append((name, value))
     if header_value(headers, "User-Agent") is None:
         headers.append(("User-Agent", user_agent))
@@ -186,9 +230,10 @@ def request_headers(
     if tag and header_value(headers, "Log-Tag") is None:
         headers.append(("Log-Tag", tag))
     if compressed:
+        headers.append(("Content-Type", COMPRESSED_CONTENT_TYPE))
         headers.append(("Compression", "zstd"))
     headers.insert(0, ("Host", upstream_name))
-    headers.insert(1, ("Connection", "keep-alive" if block.keepalive else "close"))
+    headers.insert(1, ("Connection", "keep-alive" if keepalive else "close"))
     return headers
 
 
@@ -202,59 +247,181 @@ def _log_tag(request: ScanRequest, headers: list[tuple[str, str]], tag_type: str
     return request.log_tag
 
 
-def _is_zstd(response: ScannerResponse) -> bool:
-    return any(
-        (response.get(name) or "").strip().lower() == "zstd" for name in _ZSTD_HEADERS
-    )
-
-
-#: Bytes decompressed per step when inflating a zstd reply.
-_INFLATE_STEP = 65536
-
-
-def _decompress(body: bytes, max_size: int, tried: Sequence[str]) -> bytes:
-    """Inflate a zstd reply in steps, failing as soon as it passes ``max_size`` bytes."""
-    out = bytearray()
-    try:
-        with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
-            while chunk := reader.read(_INFLATE_STEP):
-                out += chunk
-                if len(out) > max_size:
-                    raise ScanFailure(
-                        FailureClass.BAD_REPLY, 500, "decompressed reply too large", tuple(tried)
-                    )
-    except zstandard.ZstdError as exc:
-        raise ScanFailure(
-            FailureClass.BAD_REPLY, 500, f"cannot decompress reply: {exc}", tuple(tried)
-        ) from None
-    return bytes(out)
-
-
 def reply_from_response(
-    response: ScannerResponse, upstream: str, tried: Sequence[str], max_size: int
+    response: ScannerResponse, upstream: str, tried: Sequence[str]
 ) -> ScanReply:
-    """The :class:`ScanReply` relaying ``response`` (§4.4).
-
-    Raises:
-        ScanFailure: a zstd body that does not decompress (or decompresses past
-            ``max_size`` bytes) — ``BAD_REPLY``, 500.
-    """
-    body = response.body
-    zstd = _is_zstd(response)
-    if zstd:
-        body = _decompress(body, max_size, tried)
+    """The :class:`ScanReply` relaying ``response`` (§4.4), already decrypted
+    and decompressed by :class:`RequestSender`: the regenerated headers are
+    dropped, the others kept in order."""
     headers = tuple(
         (name.encode("latin-1"), value.encode("latin-1"))
         for name, value in response.headers
-        if name.lower() not in _DROPPED_REPLY and not (zstd and name.lower() in _ZSTD_HEADERS)
+        if name.lower() not in _DROPPED_REPLY
     )
     return ScanReply(
         status=response.status,
         reason=response.reason.encode("latin-1"),
         headers=headers,
-        body=body,
+        body=response.body,
         upstream=upstream,
         tried=tuple(tried),
+    )
+
+
+_LOCAL_V6 = (
+    ipaddress.ip_network("fe80::/10"),
+    ipaddress.ip_network("fec0::/10"),
+)
+
+
+def address_is_local(address: Address) -> bool:
+    """Whether Rspamd's proxy treats ``address`` as local: unix sockets,
+    127.0.0.0/8, ``::1``, fe80::/10 and fec0::/10.  Host names that are not
+    addresses are not local."""
+    if isinstance(address, (UNIXAddress, str)):
+        return True
+    host = address[0] if isinstance(address, tuple) else address.host
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.is_loopback:
+        return True
+    return ip.version == 6 and any(ip in network for network in _LOCAL_V6)
+
+
+def _client_compressed(request: ScanRequest) -> bool:
+    return any(
+        name.lower() in (b"compression", b"content-encoding") for name, _ in request.headers
+    )
+
+
+class RequestSender:
+    """Sends a scan request to one upstream address and decodes the reply.
+
+    This is one attempt of an ``upstream`` block and the single attempt of a
+    ``mirror``: the headers of :func:`request_headers`; with the block's
+    ``compression`` a non-empty body the client did not compress is sent as a
+    zstd frame unless the upstream is local (``local = true`` or
+    ``is_local(address)``); with the block's ``key`` the request is encrypted
+    (HTTPCrypt, outer ``Host`` = upstream name) and the reply decrypted; a zstd
+    reply is decompressed (at most ``max_size`` bytes) and its compression
+    headers dropped.
+
+    Args:
+        client: sends the HTTP request (:class:`ScannerClient` interface).
+        keys: the client keypair for encrypted exchanges.
+        user_agent: ``User-Agent`` added when the client sent none.
+        send_client_ip: add ``IP`` with the client's address when absent.
+        is_local: which addresses are local (no compression to them).
+    """
+
+    def __init__(
+        self,
+        client: ScannerClient,
+        keys: ClientKeys,
+        *,
+        user_agent: str = DEFAULT_USER_AGENT,
+        send_client_ip: bool = True,
+        is_local: Callable[[Address], bool] = address_is_local,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.user_agent = user_agent
+        self.send_client_ip = send_client_ip
+        self.is_local = is_local
+
+    def send(
+        self,
+        request: ScanRequest,
+        block: TargetBlock,
+        address: Address,
+        upstream_name: str,
+        *,
+        timeout: float,
+        max_size: int,
+        log_tag_type: str = "session",
+    ) -> Deferred[ScannerResponse]:
+        """Send ``request`` to ``address`` (of upstream ``upstream_name`` of ``block``).
+
+        Fires with the plaintext, decompressed reply for any HTTP status;
+        fails with a :class:`~rspamd_tx.upstreams.http_client.ScannerError`:
+        those of the client, and :class:`BadReply` (500) for a request that
+        cannot be encrypted or a reply that does not decrypt or decompress.
+        """
+        body = request.body
+        compressed = False
+        if (
+            block.compression
+            and body
+            and not (block.local or self.is_local(address))
+            and not _client_compressed(request)
+        ):
+            try:
+                body = compress(body)
+            except CompressionError as exc:
+                return _failed_send(BadReply(500, f"cannot compress request: {exc}"))
+            compressed = True
+        headers = request_headers(
+            request,
+            block,
+            upstream_name,
+            user_agent=self.user_agent,
+            send_client_ip=self.send_client_ip,
+            compressed=compressed,
+            log_tag_type=log_tag_type,
+        )
+        target = request.target.decode("latin-1") or "/checkv2"
+        if block.key is None:
+            sent = self.client.request(address, "POST", target, headers, body, timeout=timeout)
+        else:
+            try:
+                encrypted = self.keys.encrypt_request(
+                    "POST",
+                    target,
+                    [(name, value) for name, value in headers if name.lower() not in _OUTER_ONLY],
+                    body,
+                    PublicKey.parse(block.key),
+                    host=upstream_name,
+                    keep_alive=bool(getattr(block, "keepalive", False)),
+                )
+            except HttpCryptError as exc:
+                return _failed_send(BadReply(500, f"cannot encrypt request: {exc}"))
+            sent = self.client.request(
+                address, encrypted.method, encrypted.target, encrypted.headers, encrypted.body,
+                timeout=timeout,
+            )
+            sent.addCallback(_decrypted, encrypted, max_size)
+        return sent.addCallback(_decompressed, max_size)
+
+
+def _failed_send(error: BadReply) -> Deferred[ScannerResponse]:
+    d: Deferred[ScannerResponse] = Deferred()
+    d.errback(error)
+    return d
+
+
+def _decrypted(response: ScannerResponse, encrypted: EncryptedRequest, max_size: int) -> ScannerResponse:
+    """The inner reply of an encrypted exchange (:class:`BadReply` if it does not open)."""
+    try:
+        inner = encrypted.decrypt_reply(
+            response.status, response.headers, response.body, HttpLimits(max_message=max_size)
+        )
+    except HttpCryptError as exc:
+        raise BadReply(500, f"cannot decrypt reply: {exc}") from None
+    return ScannerResponse(inner.status, inner.reason, inner.headers, inner.body)
+
+
+def _decompressed(response: ScannerResponse, max_size: int) -> ScannerResponse:
+    """``response`` with a zstd body inflated (:class:`BadReply` if it does not)."""
+    if not reply_is_compressed(response.headers):
+        return response
+    try:
+        body = decompress(response.body, max_size)
+    except CompressionError as exc:
+        raise BadReply(500, f"cannot decompress reply: {exc}") from None
+    return ScannerResponse(
+        response.status, response.reason, without_compression_headers(response.headers), body
     )
 
 
@@ -289,8 +456,6 @@ class Backend:
         self.unusable: str | None = None
         if block.self_scan:
             self.unusable = "self_scan upstreams are not supported"
-        elif block.key is not None:
-            self.unusable = "encryption to backends (key) is not supported"
         else:
             self.balancer = Balancer(
                 parse_upstreams(block.hosts, DEFAULT_PROXY_PORT),
@@ -305,7 +470,7 @@ class Backend:
         """Take a new block of the same name, keeping upstream states."""
         self.block = block
         self.timeout = block.timeout if block.timeout is not None and block.timeout > 0 else options.timeout
-        if self.balancer is not None and not block.self_scan and block.key is None:
+        if self.balancer is not None and not block.self_scan:
             self.balancer.update(parse_upstreams(block.hosts, DEFAULT_PROXY_PORT))
             self.balancer.limits = limits_for(options, global_options, self.timeout)
 
@@ -372,9 +537,13 @@ class UpstreamScanner:
         health: active health checks, or ``None`` for none (Rspamd has none).
         user_agent: ``User-Agent`` added when the client sent none.
         send_client_ip: add ``IP`` with the client's address when absent.
+        keys: the client keypair for encrypted upstreams (default: one on
+            ``reactor``'s clock, rotated every 120 s like Rspamd's).
+        is_local: which addresses are local (never sent compressed bodies).
 
     Attributes:
         name: ``"upstreams"``.
+        sender: performs each attempt (shared with the mirrors).
         backends: block name (lower case) → :class:`Backend`, in block order.
         default: the default backend, if any.
     """
@@ -393,6 +562,8 @@ class UpstreamScanner:
         health: HealthSettings | None = None,
         user_agent: str = DEFAULT_USER_AGENT,
         send_client_ip: bool = True,
+        keys: ClientKeys | None = None,
+        is_local: Callable[[Address], bool] = address_is_local,
     ) -> None:
         self.reactor = reactor
         self.options = options
@@ -403,6 +574,13 @@ class UpstreamScanner:
         self.health_settings = health
         self.user_agent = user_agent
         self.send_client_ip = send_client_ip
+        self.sender = RequestSender(
+            self.client,
+            keys if keys is not None else ClientKeys(reactor),
+            user_agent=user_agent,
+            send_client_ip=send_client_ip,
+            is_local=is_local,
+        )
         self.backends: dict[str, Backend] = {}
         self.default: Backend | None = None
         self._observers: list[UpstreamObserver] = []
@@ -481,7 +659,7 @@ class UpstreamScanner:
         for block in self._blocks(options):
             key = _block_key(block.name)
             backend = old.pop(key, None)
-            served = not block.self_scan and block.key is None
+            served = not block.self_scan
             if backend is not None and (backend.balancer is not None) == served:
                 backend.update(block, options, self.global_options)
             else:
@@ -567,42 +745,35 @@ class UpstreamScanner:
         """Send ``request`` through ``backend``'s balancer (names resolved)."""
         assert backend.balancer is not None
         block = backend.block
-        body = request.body
-        compressed = False
-        if block.compression and header_value(_text_headers(request.headers), "Compression") is None:
-            body = zstandard.ZstdCompressor().compress(body)
-            compressed = True
-        target = request.target.decode("latin-1") or "/checkv2"
         timeout = backend.timeout
+        max_size = self.options.max_message
+        log_tag_type = self.options.log_tag_type
 
         def attempt(address: Address) -> Deferred[ScannerResponse]:
-            upstream = backend.upstream_name(address)
-            headers = request_headers(
+            return self.sender.send(
                 request,
                 block,
-                upstream,
-                user_agent=self.user_agent,
-                send_client_ip=self.send_client_ip,
-                compressed=compressed,
-                log_tag_type=self.options.log_tag_type,
+                address,
+                backend.upstream_name(address),
+                timeout=timeout,
+                max_size=max_size,
+                log_tag_type=log_tag_type,
             )
-            return self.client.request(address, "POST", target, headers, body, timeout=timeout)
 
         retries = self.options.max_retries
         overall = timeout * retries if retries > 0 else timeout * 10
         call: Deferred[CallResult[ScannerResponse]] = backend.balancer.call(
             attempt,
             key=request.hash_key,
-            size=len(body),
+            size=len(request.body),
             timeout=overall + 1.0,
             max_retries=retries,
             retryable=lambda failure: failure.check(ScannerError) is not None,
             address_failure=lambda failure: failure.check(ConnectError) is not None,
         )
-        max_size = self.options.max_message
 
         def done(result: CallResult[ScannerResponse]) -> ScanReply:
-            return reply_from_response(result.value, result.upstream, result.tried, max_size)
+            return reply_from_response(result.value, result.upstream, result.tried)
 
         def failed(failure: Failure) -> Failure:
             failure.trap(NoUpstreamAvailable, UpstreamTimeout, AllAttemptsFailed)
@@ -611,10 +782,6 @@ class UpstreamScanner:
             return Failure(_scan_failure(error))
 
         return call.addCallbacks(done, failed)
-
-
-def _text_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
 
 
 def _failed(failure: ScanFailure) -> Deferred[ScanReply]:
