@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.machinery
+import dataclasses
 import json
-import sys
-import types
 from typing import Any
 
 from hypothesis import given, settings
@@ -33,6 +31,7 @@ from rspamd_tx.protocols.http_codec import (
 from rspamd_tx.proxy import server
 from rspamd_tx.proxy.failure_policy import FailurePolicyTable
 from rspamd_tx.proxy.http_listener import HttpListenerFactory, HttpProxyProtocol, hash_key
+from rspamd_tx.proxy.milter_listener import MilterFactory
 from rspamd_tx.proxy.scanning import (
     FailureAction,
     FailureClass,
@@ -588,35 +587,17 @@ class ProxyWorkerTests(unittest.TestCase):
         self.assertIsInstance(metrics, MetricsService)
         self.assertEqual(len(self.build(TWO_UPSTREAMS).services()), 2)
 
-    def test_milter_mode_without_milter_module(self) -> None:
-        """milter = yes without the milter listener installed serves HTTP and says so."""
-        self.patch(server, "MILTER_MODULE", "rspamd_tx.proxy.no_such_listener")
-        events: list[LogEvent] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        builder = self.build("milter = yes; " + TWO_UPSTREAMS)
-        self.assertIsInstance(builder.stream_factory(), HttpListenerFactory)
-        self.assertIn("milter listener is not installed", " ".join(formatEvent(e) for e in events))
-
-    def test_milter_mode_with_milter_module(self) -> None:
-        """milter = yes uses MilterFactory(scanner, options, policy, reactor) of the milter module."""
-        module = types.ModuleType("tests.fake_milter_listener")
-        module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
-        made: list[tuple[Any, ...]] = []
-
-        def milter_factory(*args: Any) -> str:
-            made.append(args)
-            return "milter factory"
-
-        module.MilterFactory = milter_factory  # type: ignore[attr-defined]
-        self.patch(sys, "modules", {**sys.modules, module.__name__: module})
-        self.patch(server, "MILTER_MODULE", module.__name__)
-        builder = self.build("milter = yes; " + TWO_UPSTREAMS)
-        self.assertEqual(builder.stream_factory(), "milter factory")
-        [(scanner, options, policy, _reactor)] = made
-        self.assertIs(scanner, builder.scanner)
-        self.assertTrue(options.milter)
-        self.assertIs(policy, builder.policy)
+    def test_milter_mode(self) -> None:
+        """milter = yes serves the milter listener, with the scanner, policy and the actions
+        the configuration registers."""
+        config, worker = worker_config("milter = yes; " + TWO_UPSTREAMS)
+        config = dataclasses.replace(config, actions=config.actions | {"discard"})
+        builder = server.build_worker(config, worker, Clock())
+        factory = builder.stream_factory()
+        assert isinstance(factory, MilterFactory)
+        self.assertIs(factory.scanner, builder.scanner)
+        self.assertIs(factory.policy, builder.policy)
+        self.assertIn("discard", factory.actions)
 
     def test_reconfigure_keeps_upstream_state(self) -> None:
         """A reload swaps the upstream list keeping state, adds blocks and their health checks,

@@ -10,8 +10,8 @@ A :class:`ProxyWorker` wires one ``worker "rspamd_proxy"`` section together:
 * the failure policy table of its ``failure_policy { }``;
 * the stream listener: with ``milter = no`` the HTTP/legacy listener
   (:mod:`rspamd_tx.proxy.http_listener`); with ``milter = yes`` the milter
-  listener of :mod:`rspamd_tx.proxy.milter_listener` when that module is
-  installed (else the HTTP listener, with a logged error);
+  listener (:mod:`rspamd_tx.proxy.milter_listener`), answering the actions the
+  configuration's ``actions { }`` registers;
 * :class:`~rspamd_tx.metrics.ProxyMetrics` fed by the balancers, served on the
   worker's ``metrics`` address when one is configured.
 
@@ -23,8 +23,6 @@ mirror or script added to a worker that had none takes effect on restart.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -33,10 +31,11 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from rspamd_tx.config.workers import GlobalOptions, ProxyOptions
+from rspamd_tx.config.workers import STANDARD_ACTIONS, GlobalOptions, ProxyOptions
 from rspamd_tx.metrics import MetricsService, ProxyMetrics
 from rspamd_tx.proxy.failure_policy import FailurePolicyTable
 from rspamd_tx.proxy.http_listener import HttpListenerFactory
+from rspamd_tx.proxy.milter_listener import MilterFactory
 from rspamd_tx.proxy.mirrors import MirroringScanner
 from rspamd_tx.proxy.upstream_scanner import HealthSettings, UpstreamScanner
 from rspamd_tx.upstreams.resolve import make_resolver
@@ -45,7 +44,6 @@ if TYPE_CHECKING:
     from rspamd_tx.config.workers import Config, WorkerConfig
 
 __all__ = [
-    "MILTER_MODULE",
     "ProxyFactory",
     "ProxyWorker",
     "ScannerService",
@@ -53,10 +51,6 @@ __all__ = [
 ]
 
 log = Logger()
-
-#: The module providing ``MilterFactory(scanner, options, policy, reactor)``.
-MILTER_MODULE = "rspamd_tx.proxy.milter_listener"
-
 
 class ScannerService(Service):
     """Runs an :class:`UpstreamScanner` (and its mirrors): resolves names on
@@ -149,13 +143,10 @@ class ProxyWorker:
 
     def _listener_factory(self, options: ProxyOptions) -> IProtocolFactory:
         if options.milter:
-            if importlib.util.find_spec(MILTER_MODULE) is not None:
-                module = importlib.import_module(MILTER_MODULE)
-                factory: IProtocolFactory = module.MilterFactory(
-                    self._listener_scanner(), options, self.policy, self.reactor
-                )
-                return factory
-            log.error("milter = yes but the milter listener is not installed; serving HTTP instead")
+            actions = self.config.actions if self.config is not None else STANDARD_ACTIONS
+            return MilterFactory(
+                self._listener_scanner(), options, self.policy, self.reactor, actions=actions
+            )
         return HttpListenerFactory(
             self._listener_scanner(), options, self.policy, self.reactor, metrics=self.metrics
         )
