@@ -20,15 +20,15 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from functools import lru_cache
+from string import Formatter
 from typing import IO, Any
 
 from twisted.logger import (
-    FilteringLogObserver,
     ILogObserver,
     LogEvent,
     Logger,
     LogLevel,
-    LogLevelFilterPredicate,
     formatEvent,
 )
 from zope.interface import implementer
@@ -159,20 +159,111 @@ def tagged_logger(tag: str | None, namespace: str | None = None) -> Logger:
     return TaggedLogger(tag, namespace)
 
 
+#: A parsed format string: ``(literal, field, conversion, spec)`` parts.
+_Parsed = tuple[tuple[str, str | None, str | None, str], ...]
+
+_FORMATTER = Formatter()
+
+
+@lru_cache(maxsize=512)
+def _parse_format(text: str) -> _Parsed | None:
+    """``text`` split into literal parts and plain named fields, or ``None``
+    when it uses anything else (attribute or index lookups, calls, positional
+    or nested fields), which :func:`twisted.logger.formatEvent` handles."""
+    parts: list[tuple[str, str | None, str | None, str]] = []
+    try:
+        for literal, field, spec, conversion in _FORMATTER.parse(text):
+            if field is not None and (not field.isidentifier() or "{" in (spec or "")):
+                return None
+            parts.append((literal, field, conversion, spec or ""))
+    except ValueError:
+        return None
+    return tuple(parts)
+
+
+_CONVERSIONS: Mapping[str, Callable[[object], str]] = {"r": repr, "s": str, "a": ascii}
+
+
+def _format_message(event: LogEvent) -> str:
+    """The event's message, as :func:`twisted.logger.formatEvent` renders it.
+
+    Formats made of plain named fields are rendered from a cached parse;
+    everything else (and any event that does not format) goes through
+    Twisted's formatter, which describes unformattable events.
+    """
+    text = event.get("log_format")
+    if not isinstance(text, str) or "log_flattened" in event:
+        return formatEvent(event)
+    parsed = _parse_format(text)
+    if parsed is None:
+        return formatEvent(event)
+    pieces: list[str] = []
+    try:
+        for literal, field, conversion, spec in parsed:
+            pieces.append(literal)
+            if field is None:
+                continue
+            value = event[field]
+            if conversion is not None:
+                value = _CONVERSIONS[conversion](value)
+            pieces.append(format(value, spec))
+    except Exception:
+        return formatEvent(event)
+    return "".join(pieces)
+
+
 def _message(event: LogEvent) -> str:
-    text = formatEvent(event)
+    text = _format_message(event)
     failure = event.get("log_failure")
     if failure is not None:
         text = f"{text}\n{failure.getTraceback()}".rstrip("\n")
     return text
 
 
+class _SecondCache:
+    """The ISO 8601 text of the last whole second seen, reused for events in
+    the same second (a log line needs only the milliseconds recomputed)."""
+
+    def __init__(self) -> None:
+        self.second: int | None = None
+        self.text = ""
+
+
+_SECOND = _SecondCache()
+
+
 def _time(event: LogEvent) -> str:
     stamp = event.get("log_time")
     if stamp is None:
         return "-"
-    return datetime.fromtimestamp(stamp, timezone.utc).isoformat(
-        timespec="milliseconds").replace("+00:00", "Z")
+    if not isinstance(stamp, (int, float)) or stamp < 0:
+        return datetime.fromtimestamp(stamp, timezone.utc).isoformat(
+            timespec="milliseconds").replace("+00:00", "Z")
+    second = int(stamp)
+    micros = round((stamp - second) * 1e6)
+    if micros >= 1_000_000:
+        second += 1
+        micros -= 1_000_000
+    millis = micros // 1000
+    cache = _SECOND
+    if cache.second != second:
+        cache.text = datetime.fromtimestamp(second, timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%S")
+        cache.second = second
+    return f"{cache.text}.{millis:03d}Z"
+
+
+class _Pid:
+    """This process's id, refreshed in a forked child."""
+
+    value = os.getpid()
+
+    @classmethod
+    def refresh(cls) -> None:
+        cls.value = os.getpid()
+
+
+os.register_at_fork(after_in_child=_Pid.refresh)
 
 
 def _level_name(event: LogEvent) -> str:
@@ -186,7 +277,7 @@ def format_text(event: LogEvent) -> str:
     """
     tag = event.get("log_tag")
     tag_part = f"<{tag}>; " if tag else ""
-    return (f"{_time(event)} #{os.getpid()} {_level_name(event)} "
+    return (f"{_time(event)} #{_Pid.value} {_level_name(event)} "
             f"[{event.get('log_namespace', '-')}] {tag_part}{_message(event)}\n")
 
 
@@ -195,7 +286,7 @@ def format_json(event: LogEvent) -> str:
     ``message`` and, when set, ``tag``."""
     record: dict[str, object] = {
         "time": _time(event),
-        "pid": os.getpid(),
+        "pid": _Pid.value,
         "level": _level_name(event),
         "namespace": event.get("log_namespace", "-"),
         "message": _message(event),
@@ -272,11 +363,17 @@ class LogObserver:
     def __init__(self, destination: _StreamObserver | _SyslogObserver,
                  level: LogLevel) -> None:
         self._destination = destination
-        self._filtered = FilteringLogObserver(
-            destination, [LogLevelFilterPredicate(defaultLogLevel=level)])
+        self._shown = frozenset(
+            shown for shown in LogLevel.iterconstants() if not shown < level)
 
     def __call__(self, event: LogEvent) -> None:
-        self._filtered(event)
+        """Pass on events at or above the level that name a namespace
+        (what :class:`twisted.logger.LogLevelFilterPredicate` lets through)."""
+        if event.get("log_level") not in self._shown or not event.get("log_namespace"):
+            return
+        if "log_trace" in event:
+            event["log_trace"].append((self, self._destination))
+        self._destination(event)
 
     def reopen(self) -> None:
         """Open the log file again (after rotation); other kinds ignore it.

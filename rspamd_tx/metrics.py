@@ -91,6 +91,11 @@ class ProxyMetrics:
             "rspamd_tx_proxy_upstream_state", "1 for the current state of each upstream",
             ["block", "upstream", "state"], registry=self.registry,
         )
+        # Labelled children looked up once: ``labels()`` costs a lock and a
+        # dict lookup with tuple building on every call.
+        self._outcomes: dict[str, Any] = {}
+        self._latencies: dict[tuple[str, str], Any] = {}
+        self._failures: dict[tuple[str, str], Any] = {}
 
     def set_state(self, block: str, upstream: str, state: UpstreamState) -> None:
         """Show ``state`` as the current state of ``upstream`` in ``block``."""
@@ -115,10 +120,17 @@ class ProxyMetrics:
         if isinstance(event, StateChange):
             self.set_state(block, event.upstream, event.new)
         elif isinstance(event, AttemptOutcome):
+            key = (block, event.upstream)
             if event.ok:
-                self.latency.labels(block, event.upstream).observe(event.latency)
+                histogram = self._latencies.get(key)
+                if histogram is None:
+                    histogram = self._latencies[key] = self.latency.labels(*key)
+                histogram.observe(event.latency)
             else:
-                self.failures.labels(block, event.upstream).inc()
+                counter = self._failures.get(key)
+                if counter is None:
+                    counter = self._failures[key] = self.failures.labels(*key)
+                counter.inc()
 
     def request_started(self) -> None:
         """A request went to the scanner."""
@@ -133,9 +145,12 @@ class ProxyMetrics:
             tried: attempts made (retries are ``tried - 1``).
             scanned: whether :meth:`request_started` was called for it.
         """
-        if outcome not in OUTCOMES:
-            raise ValueError(f"unknown outcome {outcome!r}")
-        self.requests.labels(outcome).inc()
+        counter = self._outcomes.get(outcome)
+        if counter is None:
+            if outcome not in OUTCOMES:
+                raise ValueError(f"unknown outcome {outcome!r}")
+            counter = self._outcomes[outcome] = self.requests.labels(outcome)
+        counter.inc()
         if scanned:
             self.in_flight.dec()
         if tried > 1 and block is not None:

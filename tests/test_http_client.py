@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any, TypeVar
 
 from twisted.internet import error as twisted_error
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorUNIX
@@ -28,6 +30,7 @@ from rspamd_tx.upstreams.http_client import (
     ScannerError,
     ScannerResponse,
     ScannerTimeout,
+    write_now,
 )
 from tests.helpers.messages import GTUBE_MESSAGE
 from tests.peers.rspamd import skip_unless_rspamd, start_rspamd
@@ -61,6 +64,70 @@ def _result(deferred: Deferred[Any]) -> list[Any]:
     return seen
 
 
+def _socket_transport(test: unittest.TestCase, send_buffer: int | None = None) -> tuple[Any, socket.socket]:
+    """A connected TCP-style transport over a socket pair, and the peer socket."""
+    ours, peer = socket.socketpair()
+    if send_buffer is not None:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    ours.setblocking(False)
+    peer.setblocking(False)
+    transport = tcp.Connection(ours, Protocol(), MemoryReactorClock())
+    transport.connected = True
+    test.addCleanup(ours.close)
+    test.addCleanup(peer.close)
+    return transport, peer
+
+
+def _drain(peer: socket.socket) -> bytes:
+    """Everything the peer socket can read right now."""
+    received = bytearray()
+    while True:
+        try:
+            chunk = peer.recv(1 << 20)
+        except BlockingIOError:
+            return bytes(received)
+        if not chunk:
+            return bytes(received)
+        received += chunk
+
+
+class WriteNowTests(unittest.TestCase):
+    """write_now: bytes leave at once on an idle socket transport, in order."""
+
+    def test_sent_before_the_reactor_runs(self) -> None:
+        """On an idle socket transport the parts reach the peer at once; nothing is buffered."""
+        transport, peer = _socket_transport(self)
+        write_now(transport, b"head\r\n", b"body")
+        self.assertEqual(_drain(peer), b"head\r\nbody")
+        self.assertEqual(transport._tempDataBuffer, [])
+
+    def test_after_buffered_bytes_keeps_order(self) -> None:
+        """With bytes already buffered, the parts are queued behind them, not sent first."""
+        transport, peer = _socket_transport(self)
+        transport.write(b"first")
+        write_now(transport, b"second", b"third")
+        self.assertEqual(_drain(peer), b"")
+        self.assertEqual(b"".join(transport._tempDataBuffer), b"firstsecondthird")
+
+    def test_rest_buffered_when_socket_full(self) -> None:
+        """What the socket does not take is buffered and follows in order."""
+        transport, peer = _socket_transport(self, send_buffer=4096)
+        body = bytes(range(256)) * 8192
+        write_now(transport, b"head", body)
+        received = bytearray(_drain(peer))
+        self.assertLess(len(received), 4 + len(body))
+        while len(received) < 4 + len(body):
+            transport.doWrite()
+            received += _drain(peer)
+        self.assertEqual(bytes(received), b"head" + body)
+
+    def test_other_transports_get_plain_writes(self) -> None:
+        """A transport that is not a socket gets the parts through write(), empty parts skipped."""
+        transport = StringTransport()
+        write_now(transport, b"a", b"", b"bc")
+        self.assertEqual(transport.value(), b"abc")
+
+
 class RequestTests(unittest.TestCase):
     """One request on a fresh connection."""
 
@@ -92,6 +159,16 @@ class RequestTests(unittest.TestCase):
         self.assertEqual((response.status, response.reason), (200, "OK"))
         self.assertEqual(response.get("content-type"), "application/json")
         self.assertEqual(response.body, b'{"action":"reject"}')
+
+    def test_finished_exchange_keeps_no_message(self) -> None:
+        """After the reply the connection's factory no longer holds the request or reply bytes."""
+        seen = _result(self.client.request(SCANNER, "POST", "/checkv2", [("Connection", "close")], b"m" * 4096))
+        protocol, _ = _accept(self.reactor)
+        protocol.dataReceived(CLOSE_REPLY)
+        self.assertEqual(seen[0].body, b'{"action":"reject"}')
+        factory: Any = self.reactor.tcpClients[0][2]
+        exchange = factory.exchange
+        self.assertEqual((exchange.payload, exchange.body, exchange.response), ((), [], None))
 
     def test_chunked_reply_joined(self) -> None:
         """A chunked reply body is delivered de-chunked."""

@@ -31,6 +31,7 @@ from rspamd_tx.protocols.http_codec import (
     ResponseParser,
     encode_legacy_reply,
     encode_request,
+    encode_request_head,
     encode_response,
     header_value,
     header_values,
@@ -638,6 +639,12 @@ class EncoderTests(unittest.TestCase):
             version="1.0",
         )
         self.assertEqual(wire, b"GET /checkv2 HTTP/1.0\r\nContent-Length: 0\r\nA: b\r\n\r\n")
+
+    def test_encode_request_head_is_the_request_without_body(self) -> None:
+        """encode_request_head for a body's length is exactly what precedes that body."""
+        headers = [("Host", "local"), ("Content-Length", "1"), ("Rcpt", "a")]
+        head = encode_request_head("POST", "/checkv2", headers, len(MESSAGE))
+        self.assertEqual(head + MESSAGE, encode_request("POST", "/checkv2", headers, MESSAGE))
 
     def test_encode_request_round_trip(self) -> None:
         """An encoded rspamc-like request parses back to the same headers and body."""

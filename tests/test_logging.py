@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import cast
 
-from twisted.logger import ILogObserver, LogLevel, LogPublisher
+from twisted.logger import ILogObserver, LogLevel, LogPublisher, formatEvent
 from twisted.trial import unittest
 
 from rspamd_tx.config.tree import ConfigError
@@ -85,6 +85,27 @@ class SettingsTests(unittest.TestCase):
 
 class ObserverTests(unittest.TestCase):
     """Observers format, filter and tag events."""
+
+    def test_message_as_twisted_formats_it(self) -> None:
+        """Messages read exactly as twisted.logger.formatEvent renders them, odd formats included."""
+        events: list[dict[str, object]] = [
+            dict(log_format="{a} x {b!r} {c:.3f} {{literal}}", a=1, b="s", c=2.5),
+            dict(log_format="{a.real} {a}", a=3),
+            dict(log_format="{missing}"),
+            dict(log_format="{call()}", call=lambda: "called"),
+            dict(log_format="{}"),
+            dict(log_format="{a:{width}}", a=1, width=4),
+            dict(log_format="{a!x}", a=1),
+            dict(log_format="{unclosed", unclosed=1),
+            dict(log_format=None),
+            dict(log_format=b"bytes {a}", a=1),
+            dict(),
+        ]
+        for event in events:
+            with self.subTest(event=event):
+                timed = {**event, "log_time": 0.0}
+                line = format_text(timed)
+                self.assertEqual(line.split("] ", 1)[1], formatEvent(timed) + "\n")
 
     def test_text_line(self) -> None:
         """Text lines carry time, level, namespace and message."""

@@ -60,6 +60,7 @@ __all__ = [
     "ResponseParser",
     "encode_legacy_reply",
     "encode_request",
+    "encode_request_head",
     "encode_response",
     "header_value",
     "header_values",
@@ -444,20 +445,56 @@ class _MessageParser(ABC):
         return self._start_line(line, events)
 
     def _step_headers(self, events: list[Event]) -> bool:
-        line = self._take_line()
-        if line is None:
-            return False
-        if self._collect_header(line):
-            self._headers_complete(self._parse_headers(self._header_lines), events)
-        return True
+        # Every buffered header line in one pass: the checks of _take_line
+        # and _collect_header, in the same order, without removing each line
+        # from the buffer separately.
+        buffer = self._buffer
+        limits = self.limits
+        max_line = limits.max_line
+        max_section = limits.max_header_section
+        max_count = limits.max_header_count
+        lines = self._header_lines
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                del buffer[:start]
+                if len(buffer) > max_line + 1:
+                    raise self._fail(self._oversize_status, "line too long")
+                if self._section_bytes + len(buffer) > max_section:
+                    raise self._fail(self._oversize_status, "header section too large")
+                return False
+            line = bytes(buffer[start:end])
+            self._section_bytes += end + 1 - start
+            start = end + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > max_line:
+                raise self._fail(self._oversize_status, "line too long")
+            if self._section_bytes > max_section:
+                raise self._fail(self._oversize_status, "header section too large")
+            if not line:
+                del buffer[:start]
+                self._headers_complete(self._parse_headers(lines), events)
+                return True
+            if line[:1] in (b" ", b"\t"):
+                raise self._fail(self._error_status, "obsolete header folding")
+            if len(lines) >= max_count:
+                raise self._fail(self._oversize_status, "too many header lines")
+            lines.append(line)
 
     def _take_body(self, events: list[Event]) -> bool:
         """Emit up to ``_remaining`` buffered body bytes; False if none are buffered."""
         if not self._buffer:
             return False
         size = min(self._remaining, len(self._buffer))
-        events.append(Data(bytes(self._buffer[:size])))
-        del self._buffer[:size]
+        if size == len(self._buffer):
+            events.append(Data(bytes(self._buffer)))
+            self._buffer.clear()
+        else:
+            with memoryview(self._buffer) as view:
+                events.append(Data(view[:size].tobytes()))
+            del self._buffer[:size]
         self._remaining -= size
         return True
 
@@ -751,6 +788,22 @@ def encode_request(
     own client does.  Raises ``ValueError`` for a method, target or header that
     cannot be written (control characters, spaces in the target).
     """
+    return encode_request_head(method, target, headers, len(body), version) + body
+
+
+def encode_request_head(
+    method: str,
+    target: str,
+    headers: Iterable[tuple[str, str]],
+    length: int,
+    version: str = "1.1",
+) -> bytes:
+    """The bytes :func:`encode_request` puts before a body of ``length`` bytes.
+
+    Lets a sender pass a large body to the transport as it is, after the
+    head, instead of copying it into one buffer.  Raises ``ValueError`` as
+    :func:`encode_request` does.
+    """
     raw_method = method.encode("ascii")
     raw_target = target.encode("latin-1")
     if not _TOKEN.fullmatch(raw_method):
@@ -760,7 +813,7 @@ def encode_request(
     if version not in ("1.0", "1.1"):
         raise ValueError(f"unsupported version {version!r}")
     start = raw_method + b" " + raw_target + b" HTTP/" + version.encode("ascii") + b"\r\n"
-    return start + _encode_headers(headers, len(body)) + body
+    return start + _encode_headers(headers, length)
 
 
 def encode_response(

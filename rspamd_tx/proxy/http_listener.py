@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import secrets
+import random
 from email.utils import formatdate
 from typing import Any
 
@@ -83,6 +83,7 @@ from rspamd_tx.proxy.scanning import (
     ScanReply,
     ScanRequest,
 )
+from rspamd_tx.upstreams.http_client import write_now
 
 __all__ = [
     "HttpListenerFactory",
@@ -133,6 +134,27 @@ def hash_key(address: IAddress) -> bytes:
 _PREFIX_KEPT = 200
 
 
+class _DateCache:
+    """The ``Date`` header text of the last whole second a reply was made in."""
+
+    def __init__(self) -> None:
+        self.second: int | None = None
+        self.text = ""
+
+    def text_for(self, seconds: float) -> str:
+        """``Date`` for the time ``seconds`` (RFC 7231 IMF-fixdate)."""
+        second = round(seconds * 1_000_000) // 1_000_000
+        if second != self.second:
+            self.text = formatdate(second, usegmt=True)
+            self.second = second
+        return self.text
+
+
+def _session_tag() -> str:
+    """Six hex digits naming a connection in the logs (not a secret)."""
+    return f"{random.getrandbits(24):06x}"
+
+
 def _path(target: str) -> str:
     return target.split("?", 1)[0].lstrip("/").lower()
 
@@ -173,7 +195,7 @@ class HttpProxyProtocol(Protocol):
         self._answered = False
         self._started = 0.0
         self._peer: IAddress | None = None
-        self.tag = secrets.token_hex(3)
+        self.tag = _session_tag()
         self.client = "unknown"
         self._log = tagged_logger(self.tag, namespace=__name__)
 
@@ -379,7 +401,7 @@ class HttpProxyProtocol(Protocol):
         headers = [
             ("Connection", "close"),
             ("Server", SERVER_NAME),
-            ("Date", formatdate(self.factory.clock.seconds(), usegmt=True)),
+            ("Date", self.factory.dates.text_for(self.factory.clock.seconds())),
             ("Content-Length", "0"),
         ]
         if content_type is not None:
@@ -390,7 +412,7 @@ class HttpProxyProtocol(Protocol):
     def _write(self, payload: bytes) -> None:
         self._answered = True
         if self.transport is not None and not self._closed:
-            self.transport.write(payload)
+            write_now(self.transport, payload)
             self.transport.loseConnection()
 
     def _reject(self, why: str, reply: tuple[int, str] | None) -> None:
@@ -502,6 +524,7 @@ class HttpListenerFactory(ServerFactory[HttpProxyProtocol]):
 
     Attributes:
         connections: open connections.
+        dates: the ``Date`` header text, computed once per second.
     """
 
     noisy = False
@@ -522,6 +545,8 @@ class HttpListenerFactory(ServerFactory[HttpProxyProtocol]):
         self.clock = clock
         self.metrics = metrics
         self._limits = limits if limits is not None else HttpLimits()
+        self._connection_limits: HttpLimits | None = None
+        self.dates = _DateCache()
         self.connections: set[HttpProxyProtocol] = set()
         self._drained: list[Deferred[None]] = []
 
@@ -532,13 +557,19 @@ class HttpListenerFactory(ServerFactory[HttpProxyProtocol]):
         return protocol
 
     def limits(self) -> HttpLimits:
-        """Parser bounds for a new connection (``max_message`` from the options)."""
-        return HttpLimits(
-            max_message=self.options.max_message,
-            max_header_count=self._limits.max_header_count,
-            max_line=self._limits.max_line,
-            max_header_section=self._limits.max_header_section,
-        )
+        """Parser bounds for a new connection (``max_message`` from the options).
+
+        The bounds are built once and shared while ``max_message`` stays the same.
+        """
+        cached = self._connection_limits
+        if cached is None or cached.max_message != self.options.max_message:
+            cached = self._connection_limits = HttpLimits(
+                max_message=self.options.max_message,
+                max_header_count=self._limits.max_header_count,
+                max_line=self._limits.max_line,
+                max_header_section=self._limits.max_header_section,
+            )
+        return cached
 
     def update(self, options: ProxyOptions, policy: FailurePolicyTable) -> None:
         """Use new options and policy for connections from now on."""

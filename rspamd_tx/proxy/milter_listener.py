@@ -28,7 +28,7 @@ the :class:`MilterFactory`.
 from __future__ import annotations
 
 import ipaddress
-import secrets
+import random
 import socket
 from collections.abc import Collection
 from typing import Any
@@ -66,6 +66,7 @@ from rspamd_tx.proxy.milter_reply import (
 )
 from rspamd_tx.proxy.milter_session import DEFAULT_SPILL_THRESHOLD, MilterSession
 from rspamd_tx.proxy.scanning import FailureClass, IScanner, ScanFailure, ScanReply
+from rspamd_tx.upstreams.http_client import write_now
 
 __all__ = ["DEFAULT_PROGRESS_INTERVAL", "MilterFactory", "MilterProtocol"]
 
@@ -90,7 +91,7 @@ class MilterProtocol(Protocol):
     factory: MilterFactory
 
     def __init__(self) -> None:
-        self.tag = secrets.token_hex(3)
+        self.tag = f"{random.getrandbits(24):06x}"
         self.milter = MilterConnection()
         self.session: MilterSession | None = None
         self.peer = "-"
@@ -236,7 +237,7 @@ class MilterProtocol(Protocol):
         """Write the end-of-message replies, log the outcome, start the next message."""
         assert self.transport is not None and self.session is not None
         payload = b"".join(self.milter.send(reply) for reply in replies)
-        self.transport.write(payload)
+        write_now(self.transport, payload)
         emit = self._log.warn if warn else self._log.info
         emit(
             "milter {peer} from {sender} ({size} bytes): {outcome}, replies {codes}, {duration:.3f}s",

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import error as twisted_error
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConnector
@@ -49,12 +50,13 @@ from rspamd_tx.protocols.http_codec import (
     HttpStatusError,
     Response,
     ResponseParser,
-    encode_request,
+    encode_request_head,
     header_values,
 )
 
 __all__ = [
     "Address",
+    "write_now",
     "BadReply",
     "ConnectError",
     "ScannerClient",
@@ -123,6 +125,52 @@ class ScannerResponse:
         return header_values(self.headers, name)
 
 
+def write_now(transport: Any, *parts: bytes) -> None:
+    """Write ``parts`` in order to ``transport``, handing them to the kernel at once when possible.
+
+    Twisted's socket transports buffer every write until the reactor's next
+    turn, so whatever the caller does after writing (logging, accounting)
+    would delay the bytes.  On a socket transport (a
+    :class:`~twisted.internet.abstract.FileDescriptor`: plain TCP or unix,
+    never a TLS wrapper) that is connected and has nothing buffered, the
+    bytes are sent right away (several parts in one gathering ``sendmsg``,
+    without joining them); what the socket does not take is buffered as
+    usual.  Any other transport, or a socket error (left for the transport to
+    report on its next write), falls back to ``transport.write``.  The bytes
+    and their order on the wire are the same either way.
+    """
+    parts = tuple(part for part in parts if part)
+    if not parts:
+        return
+    sock = getattr(transport, "socket", None)
+    if (
+        sock is None
+        or not isinstance(transport, FileDescriptor)
+        or not transport.connected
+        or transport.disconnecting
+        or transport._writeDisconnected
+        or transport.dataBuffer
+        or transport._tempDataBuffer
+    ):
+        for part in parts:
+            transport.write(part)
+        return
+    try:
+        sent = sock.send(parts[0]) if len(parts) == 1 else sock.sendmsg(parts)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        for part in parts:
+            transport.write(part)
+        return
+    for part in parts:
+        if sent >= len(part):
+            sent -= len(part)
+            continue
+        transport.write(part[sent:] if sent else part)
+        sent = 0
+
+
 def _pool_key(address: Address) -> _PoolKey:
     if isinstance(address, (IPv4Address, IPv6Address)):
         return ("tcp", address.host, address.port)
@@ -180,6 +228,14 @@ class _ScannerConnection(Protocol):
         self._closed_waiters: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
+        transport: Any = self.transport
+        set_no_delay = getattr(transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            # The request goes out in one write; never let Nagle hold its tail.
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
         self.client._connections.add(self)
         if self.exchange is not None:
             self.exchange.connection_made(self)
@@ -204,10 +260,9 @@ class _ScannerConnection(Protocol):
         for waiter in waiters:
             waiter.callback(None)
 
-    def send(self, data: bytes) -> None:
-        """Write ``data`` to the scanner."""
-        transport: Any = self.transport
-        transport.write(data)
+    def send(self, parts: tuple[bytes, ...]) -> None:
+        """Write ``parts`` in order to the scanner (sent at once, see :func:`write_now`)."""
+        write_now(self.transport, *parts)
 
     def close(self) -> None:
         """Close after pending writes are flushed (no-op before it is connected)."""
@@ -255,7 +310,7 @@ class _Exchange:
         self,
         client: ScannerClient,
         key: _PoolKey,
-        payload: bytes,
+        payload: tuple[bytes, ...],
         reusable: bool,
         timeout: float,
     ) -> None:
@@ -268,7 +323,7 @@ class _Exchange:
         self.connection: _ScannerConnection | None = None
         self.connector: Any = None
         self.reused = False
-        self.parser = ResponseParser(HttpLimits(max_message=client.max_reply))
+        self.parser = ResponseParser(client.reply_limits())
         self.got_bytes = False
         self.response: Response | None = None
         self.body: list[bytes] = []
@@ -290,10 +345,12 @@ class _Exchange:
         factory = _ConnectionFactory(self)
         reactor = self.client.reactor
         kind, host, port = self.key
+        # The exchange's own timer bounds connecting too (it stops the
+        # connector), so the connector gets no timer of its own.
         if kind == "unix":
-            self.connector = reactor.connectUNIX(host, factory, timeout=self.timeout)
+            self.connector = reactor.connectUNIX(host, factory, timeout=None)
         else:
-            self.connector = reactor.connectTCP(host, port, factory, timeout=self.timeout)
+            self.connector = reactor.connectTCP(host, port, factory, timeout=None)
 
     def connection_built(self, connection: _ScannerConnection) -> None:
         """The factory built the protocol for this exchange (not yet connected).
@@ -383,10 +440,12 @@ class _Exchange:
             if self.reusable and response.keep_alive:
                 self.client._put_idle(connection)
             else:
-                connection.close()
-        self.deferred.callback(
-            ScannerResponse(response.status, response.reason, response.headers, b"".join(self.body))
-        )
+                # The reply is complete and the connection is not kept: drop
+                # it now rather than flush an empty buffer on the next turn.
+                connection.abort()
+        body = b"".join(self.body)
+        self._release()
+        self.deferred.callback(ScannerResponse(response.status, response.reason, response.headers, body))
 
     def _stop(self) -> None:
         connection, self.connection = self.connection, None
@@ -400,7 +459,20 @@ class _Exchange:
     def _fail(self, error: ScannerError) -> None:
         self._settle()
         self._stop()
+        self._release()
         self.deferred.errback(error)
+
+    def _release(self) -> None:
+        """Drop the request and reply bytes of a finished exchange.
+
+        The exchange stays reachable from the connection attempt's reference
+        cycle (connector and transport point at each other, the connector
+        holds the factory, the factory this exchange) until the garbage
+        collector runs; without this a large message would live on until then.
+        """
+        self.payload = ()
+        self.body = []
+        self.response = None
 
     def _timed_out(self) -> None:
         if not self.finished:
@@ -410,6 +482,7 @@ class _Exchange:
         if not self.finished:
             self._settle()
             self._stop()
+            self._release()
 
 
 class ScannerClient:
@@ -437,6 +510,13 @@ class ScannerClient:
         self.max_reply = max_reply
         self._idle: dict[_PoolKey, list[_ScannerConnection]] = {}
         self._connections: set[_ScannerConnection] = set()
+        self._reply_limits = HttpLimits(max_message=max_reply)
+
+    def reply_limits(self) -> HttpLimits:
+        """Parser bounds of a reply (``max_reply``), built once while it stays the same."""
+        if self._reply_limits.max_message != self.max_reply:
+            self._reply_limits = HttpLimits(max_message=self.max_reply)
+        return self._reply_limits
 
     def request(
         self,
@@ -464,7 +544,7 @@ class ScannerClient:
         """
         key = _pool_key(address)
         header_list = list(headers)
-        payload = encode_request(method, target, header_list, body)
+        payload = (encode_request_head(method, target, header_list, len(body)), body)
         tokens = {
             token.strip().lower()
             for value in header_values(header_list, "Connection")
