@@ -189,7 +189,9 @@ class NoDefaultTests(ScannerTestCase):
 
 
 class RequestTransformTests(ScannerTestCase):
-    """What is sent to the upstream (spec §4.3)."""
+    """What is sent to the upstream (spec §4.3), with ``send_client_ip`` on."""
+
+    config = "send_client_ip = yes; " + TWO_BLOCKS
 
     def test_headers(self) -> None:
         """Host is the upstream name, hop-by-hop headers go, Rcpt order is kept, UA and IP added."""
@@ -231,6 +233,16 @@ class RequestTransformTests(ScannerTestCase):
     def test_no_ip_without_client_address(self) -> None:
         """Without a known client address no IP header is invented."""
         self.scan(ScanRequest(headers=(), body=b"m"))
+        self.assertNotIn("IP", [name for name, _ in self.client.calls[0].headers])
+
+
+class ClientIpDefaultTests(ScannerTestCase):
+    """Like Rspamd 3.4's proxy, no IP header is added unless send_client_ip asks for it."""
+
+    def test_no_ip_added_by_default(self) -> None:
+        """A request with a known client address but no IP header goes out without one."""
+        self.assertFalse(self.options.send_client_ip)
+        self.scan()
         self.assertNotIn("IP", [name for name, _ in self.client.calls[0].headers])
 
 

@@ -633,6 +633,12 @@ class ProxyOptions:
     extended_spam_headers: bool = option(
         _BOOL, False, "milter: add X-Spamd-Result and X-Rspamd-Server headers (rspamd-tx)"
     )
+    send_client_ip: bool = option(
+        _BOOL,
+        False,
+        "HTTP mode: add IP with the client's address when a request has none, as Rspamd 3.14+"
+        " does; Rspamd 3.4 adds nothing (rspamd-tx)",
+    )
 
     @property
     def default_upstream(self) -> UpstreamBlock | None:

@@ -536,7 +536,8 @@ class UpstreamScanner:
         rng: randomness for the balancers.
         health: active health checks, or ``None`` for none (Rspamd has none).
         user_agent: ``User-Agent`` added when the client sent none.
-        send_client_ip: add ``IP`` with the client's address when absent.
+        send_client_ip: add ``IP`` with the client's address when absent
+            (default: the worker's ``send_client_ip`` option).
         keys: the client keypair for encrypted upstreams (default: one on
             ``reactor``'s clock, rotated every 120 s like Rspamd's).
         is_local: which addresses are local (never sent compressed bodies).
@@ -561,7 +562,7 @@ class UpstreamScanner:
         rng: random.Random | None = None,
         health: HealthSettings | None = None,
         user_agent: str = DEFAULT_USER_AGENT,
-        send_client_ip: bool = True,
+        send_client_ip: bool | None = None,
         keys: ClientKeys | None = None,
         is_local: Callable[[Address], bool] = address_is_local,
     ) -> None:
@@ -573,6 +574,8 @@ class UpstreamScanner:
         self.rng = rng
         self.health_settings = health
         self.user_agent = user_agent
+        if send_client_ip is None:
+            send_client_ip = options.send_client_ip
         self.send_client_ip = send_client_ip
         self.sender = RequestSender(
             self.client,
