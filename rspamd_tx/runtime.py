@@ -79,6 +79,21 @@ __all__ = [
 
 log = Logger()
 
+#: Environment variable telling a supervised child its slot (0 to count - 1).
+PROCESS_SLOT_ENV = "RSPAMD_TX_PROCESS_SLOT"
+
+
+def process_slot() -> int:
+    """This process's slot among the ``count`` processes of its worker.
+
+    A supervisor passes it to each child in :data:`PROCESS_SLOT_ENV`; a worker running
+    alone is slot 0. Workers use it to keep per-process files apart (e.g. update spools).
+    """
+    try:
+        return max(0, int(os.environ.get(PROCESS_SLOT_ENV, "0")))
+    except ValueError:
+        return 0
+
 #: How long a stopping worker waits for in-flight work by default (seconds).
 DEFAULT_DRAIN_TIMEOUT = 10.0
 

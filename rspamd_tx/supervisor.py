@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rspamd_tx.config.bind import SocketKind, describe_socket
-from rspamd_tx.runtime import SignalInstaller, install_signal_handler
+from rspamd_tx.runtime import PROCESS_SLOT_ENV, SignalInstaller, install_signal_handler
 
 __all__ = ["Supervisor", "ParentWatch", "ChildCommand"]
 
@@ -147,7 +147,8 @@ class Supervisor(Service):
             child_fds[fd] = sock.fileno()
         executable, args = self._child_command(fds)
         child = _Child(self, slot)
-        self.reactor.spawnProcess(child, executable, args, env=self._environ,
+        environ = {**self._environ, PROCESS_SLOT_ENV: str(slot)}
+        self.reactor.spawnProcess(child, executable, args, env=environ,
                                   childFDs=child_fds)
         self.children[slot] = child
         log.info("{worker}: started process {pid} (slot {slot})",

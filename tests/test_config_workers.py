@@ -760,3 +760,23 @@ class ActionsTests(unittest.TestCase):
         self.assertIn("add header", config.actions)
         self.assertNotIn("subject", config.actions)
         self.assertNotIn("grow factor", config.actions)
+
+
+class ReplicationCountTests(unittest.TestCase):
+    """Replication runs in one process: writes other processes received would not be streamed."""
+
+    def test_slaves_with_count_two_refused(self) -> None:
+        """A master with count = 2 is an error located at count."""
+        _, diagnostics = check_config(
+            worker_tree("fuzzy", 'count = 2;\nslaves = "10.0.0.2";\n', filename="fuzzy.inc")
+        )
+        errors = [d for d in diagnostics if d.severity == "error"]
+        self.assertEqual(len(errors), 1)
+        self.assertIn("set count = 1", errors[0].message)
+        self.assertEqual(str(errors[0].location), "fuzzy.inc:1:1")
+
+    def test_replication_with_one_process_accepted(self) -> None:
+        """count = 1 with slaves, and count = 2 without replication, are fine."""
+        for text in ('count = 1; slaves = "10.0.0.2";', "count = 2;"):
+            _, diagnostics = check_config(worker_tree("fuzzy", text))
+            self.assertEqual(messages(diagnostics), [], text)

@@ -24,6 +24,7 @@ from rspamd_tx.config.ucl import loads
 from rspamd_tx.config.workers import Config, WorkerConfig, check_config
 from rspamd_tx.fuzzy.listeners import FuzzyDatagramProtocol, FuzzyStreamFactory
 from rspamd_tx.fuzzy.server import FuzzyWorker, build_worker, spool_directory
+from rspamd_tx.runtime import PROCESS_SLOT_ENV
 from rspamd_tx.fuzzy.sqlite_backend import SqliteFuzzyBackend
 from rspamd_tx.protocols.fuzzy_codec import (
     ClientEncryption,
@@ -148,6 +149,16 @@ class BuildTests(unittest.TestCase):
         self.assertEqual((builder.backend.path, builder.backend.lifetime),
                          ("/data/f.db", 86400.0))
         self.assertEqual(spool_directory(worker.options), "/data")  # type: ignore[arg-type]
+
+    def test_spool_per_process_slot(self) -> None:
+        """Slot 0 spools to fuzzy-updates.spool; other processes of the worker to their own file."""
+        config, worker = fuzzy_config('dbdir = "/srv/fuzzy";')
+        self.patch(os, "environ", {**os.environ, PROCESS_SLOT_ENV: "0"})
+        first = build_worker(config, worker, Clock())
+        self.patch(os, "environ", {**os.environ, PROCESS_SLOT_ENV: "1"})
+        second = build_worker(config, worker, Clock())
+        self.assertEqual(first.queue._spool.path, "/srv/fuzzy/fuzzy-updates.spool")
+        self.assertEqual(second.queue._spool.path, "/srv/fuzzy/fuzzy-updates.1.spool")
 
     def test_redis_backend(self) -> None:
         """``backend = redis`` with servers gives the Redis backend with its prefix."""

@@ -23,6 +23,7 @@ from rspamd_tx.config.bind import InetListen, SocketKind
 from rspamd_tx.config.schema import Diagnostic
 from rspamd_tx.config.tree import ConfigError, Location
 from rspamd_tx.runtime import (
+    PROCESS_SLOT_ENV,
     WorkerService,
     WorkerTree,
     apply_limits,
@@ -30,6 +31,7 @@ from rspamd_tx.runtime import (
     inherited_sockets,
     install_signal_handler,
     process_count,
+    process_slot,
 )
 from rspamd_tx.supervisor import ParentWatch, Supervisor
 
@@ -335,6 +337,7 @@ class SpawningReactor(MemoryReactorClock):
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list[tuple[Any, list[str], dict[int, Any], FakeProcess]] = []
+        self.environments: list[dict[str, str]] = []
 
     def spawnProcess(self, protocol: Any, executable: str, args: list[str],
                      env: Any = None, path: Any = None, uid: Any = None,
@@ -343,6 +346,7 @@ class SpawningReactor(MemoryReactorClock):
         process = FakeProcess(1000 + len(self.spawned))
         protocol.makeConnection(process)
         self.spawned.append((protocol, args, childFDs, process))
+        self.environments.append(dict(env or {}))
         return process
 
 
@@ -375,6 +379,26 @@ class SupervisorUnitTests(unittest.TestCase):
             self.assertEqual(child_fds[3], supervisor._sockets[0].fileno())
             self.assertEqual((child_fds[0], child_fds[1], child_fds[2]),
                              ("w", 1, 2))
+
+    def test_children_told_their_slot(self) -> None:
+        """Each child gets its slot in RSPAMD_TX_PROCESS_SLOT, and a restart keeps the slot."""
+        supervisor, fake, _ = self.make(count=2)
+        self.assertEqual(
+            [env[PROCESS_SLOT_ENV] for env in fake.environments], ["0", "1"]
+        )
+        protocol = fake.spawned[1][0]
+        protocol.processEnded(died())
+        fake.advance(1.0)
+        self.assertEqual(fake.environments[-1][PROCESS_SLOT_ENV], "1")
+
+    def test_process_slot_from_environment(self) -> None:
+        """process_slot reads the slot a supervisor set, 0 when alone or unreadable."""
+        self.patch(os, "environ", {PROCESS_SLOT_ENV: "3"})
+        self.assertEqual(process_slot(), 3)
+        self.patch(os, "environ", {})
+        self.assertEqual(process_slot(), 0)
+        self.patch(os, "environ", {PROCESS_SLOT_ENV: "x"})
+        self.assertEqual(process_slot(), 0)
 
     def test_restart_with_backoff(self) -> None:
         """A child dying quickly is restarted after 1, 2, 4, 4 seconds."""

@@ -1017,6 +1017,19 @@ def _check_worker(
             {k: v for k, v in values.items() if k not in common_names}
         ):
             diagnostics.append(Diagnostic("error", f"{where}: {message}", location))
+    if (
+        isinstance(options, FuzzyOptions)
+        and (options.slaves or options.masters)
+        and common.count is not None
+        and common.count > 1
+    ):
+        diagnostics.append(
+            Diagnostic(
+                "error",
+                f"{where}: replication (slaves or masters) runs in one process: set count = 1",
+                section.location("count") or location,
+            )
+        )
     return WorkerConfig(worker_type, common, options)
 
 

@@ -57,13 +57,14 @@ from rspamd_tx.fuzzy.sqlite_backend import SqliteFuzzyBackend
 from rspamd_tx.fuzzy.storage import FuzzyStorage, host_names
 from rspamd_tx.fuzzy.update_queue import SPOOL_NAME, UpdateQueue
 from rspamd_tx.metrics import MetricsService
+from rspamd_tx.runtime import process_slot
 from rspamd_tx.upstreams.resolve import resolve_host
 
 if TYPE_CHECKING:
     from rspamd_tx.config.workers import Config, WorkerConfig
 
 __all__ = ["FuzzyLifecycle", "FuzzyWorker", "build_worker", "make_backend", "resolve_names",
-           "spool_directory"]
+           "spool_directory", "spool_file_name"]
 
 log = Logger()
 
@@ -98,6 +99,14 @@ def make_backend(config: Config, options: FuzzyOptions, reactor: Any) -> IFuzzyB
         path = options.sqlite_path or os.path.join(DEFAULT_DBDIR, "fuzzy.db")
         return SqliteFuzzyBackend(path, reactor=reactor, lifetime=options.expire)
     raise ConfigError(f'worker "fuzzy": backend {options.backend!r} is not supported')
+
+
+def spool_file_name(slot: int) -> str:
+    """The update spool of the process in ``slot``: each of ``count`` processes keeps its own."""
+    if slot == 0:
+        return SPOOL_NAME
+    stem, dot, suffix = SPOOL_NAME.rpartition(".")
+    return f"{stem}.{slot}{dot}{suffix}"
 
 
 def spool_directory(options: FuzzyOptions) -> str:
@@ -234,7 +243,8 @@ class FuzzyWorker:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.backend = make_backend(config, options, reactor)
         self.queue = UpdateQueue(self.backend, clock=reactor, sync=options.sync,
-                                 spool_path=os.path.join(spool_directory(options), SPOOL_NAME))
+                                 spool_path=os.path.join(spool_directory(options),
+                                                         spool_file_name(process_slot())))
         self.storage = FuzzyStorage(options, self.backend, self.queue, reactor,
                                     registry=self.registry,
                                     queue_depth=lambda: float(self.queue.depth))
