@@ -35,7 +35,7 @@ from rspamd_tx.config.bind import (
 from rspamd_tx.config.tree import ConfigError, Location
 from rspamd_tx.proxy.server import ProxyFactory
 
-from tests.helpers.net import REPO_ROOT, http_get, ipv6_available
+from tests.helpers.net import REPO_ROOT, http_get, ipv6_available, unix_socket_path
 
 
 def fake_resolve(host: str) -> list[str]:
@@ -238,8 +238,7 @@ class BindTests(unittest.TestCase):
         """A unix socket gets its mode and owner:group after bind."""
         if os.geteuid() != 0:
             raise unittest.SkipTest("chown needs root")
-        path = os.path.join(os.path.abspath(self.mktemp()) + ".d", "w.sock")
-        os.makedirs(os.path.dirname(path))
+        path = unix_socket_path(self, "w.sock")
         nobody = pwd.getpwnam("nobody")
         group = grp.getgrgid(0).gr_name
         [sock] = self.open(
@@ -252,8 +251,7 @@ class BindTests(unittest.TestCase):
 
     def test_unix_default_mode(self) -> None:
         """Without mode= the socket is 0644, owner unchanged."""
-        path = os.path.join(os.path.abspath(self.mktemp()) + ".d", "w.sock")
-        os.makedirs(os.path.dirname(path))
+        path = unix_socket_path(self, "w.sock")
         self.open(parse_bind_line(path), {SocketKind.STREAM})
         st = os.stat(path)
         self.assertEqual(stat.S_IMODE(st.st_mode), 0o644)
@@ -261,8 +259,7 @@ class BindTests(unittest.TestCase):
 
     def test_unix_stale_socket_removed(self) -> None:
         """A socket file left by a dead process is replaced."""
-        path = os.path.join(os.path.abspath(self.mktemp()) + ".d", "w.sock")
-        os.makedirs(os.path.dirname(path))
+        path = unix_socket_path(self, "w.sock")
         stale = socket.socket(socket.AF_UNIX)
         stale.bind(path)
         stale.close()
@@ -417,8 +414,7 @@ class AdoptTests(unittest.TestCase):
     @inlineCallbacks
     def test_unix_stream_serves_ping(self) -> Generator[Deferred[Any], Any, None]:
         """An adopted unix socket serves /ping and stops cleanly."""
-        path = os.path.join(os.path.abspath(self.mktemp()) + ".d", "p.sock")
-        os.makedirs(os.path.dirname(path))
+        path = unix_socket_path(self, "p.sock")
         sockets = open_listen_sockets(parse_bind_line(f"{path} mode=0600"),
                                       {SocketKind.STREAM})
         self.addCleanup(sockets[0].close)

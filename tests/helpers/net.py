@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -13,6 +15,17 @@ from twisted.python.failure import Failure
 #: The repository root (holds rspamd_tx/ and twisted/plugins/).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
+
+
+def unix_socket_path(case: Any, name: str) -> str:
+    """A path for a unix socket that stays under the AF_UNIX length limit (108 bytes).
+
+    Trial's per-test temporary directories can be longer than the limit; the socket goes in
+    a short directory under ``/tmp`` instead, removed when ``case`` (a TestCase) ends.
+    """
+    directory = tempfile.mkdtemp(prefix="rtx-", dir="/tmp")
+    case.addCleanup(shutil.rmtree, directory, True)
+    return os.path.join(directory, name)
 
 
 def ipv6_available() -> bool:
