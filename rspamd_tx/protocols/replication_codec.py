@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import ClassVar, Self, Union
 
 from rspamd_tx.protocols.cryptobox import (
     KEY_BYTES,
@@ -311,13 +311,10 @@ class Auth:
 
 
 @dataclass(frozen=True, slots=True)
-class State:
-    """Slave → master: the history (epoch) and revision the slave last applied.
+class _EpochRevision:
+    """A frame whose body is a history (epoch) and a revision, two u64."""
 
-    ``epoch`` 0 and ``revision`` 0 mean the slave holds nothing replicated.
-    """
-
-    TYPE: ClassVar[int] = 0x20
+    NAME: ClassVar[str]
     epoch: int
     revision: int
 
@@ -329,9 +326,20 @@ class State:
         return _PAIR.pack(self.epoch, self.revision)
 
     @classmethod
-    def decode_body(cls, body: bytes) -> State:
-        _exact(body, _PAIR.size, "state")
+    def decode_body(cls, body: bytes) -> Self:
+        _exact(body, _PAIR.size, cls.NAME)
         return cls(*_PAIR.unpack(body))
+
+
+@dataclass(frozen=True, slots=True)
+class State(_EpochRevision):
+    """Slave → master: the history (epoch) and revision the slave last applied.
+
+    ``epoch`` 0 and ``revision`` 0 mean the slave holds nothing replicated.
+    """
+
+    TYPE: ClassVar[int] = 0x20
+    NAME: ClassVar[str] = "state"
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,24 +384,11 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
-class ResyncBegin:
+class ResyncBegin(_EpochRevision):
     """Master → slave: a full copy of the master's hashes, read from ``revision`` on, follows."""
 
     TYPE: ClassVar[int] = 0x23
-    epoch: int
-    revision: int
-
-    def __post_init__(self) -> None:
-        _check_u64("epoch", self.epoch)
-        _check_u64("revision", self.revision)
-
-    def encode_body(self) -> bytes:
-        return _PAIR.pack(self.epoch, self.revision)
-
-    @classmethod
-    def decode_body(cls, body: bytes) -> ResyncBegin:
-        _exact(body, _PAIR.size, "resync begin")
-        return cls(*_PAIR.unpack(body))
+    NAME: ClassVar[str] = "resync begin"
 
 
 @dataclass(frozen=True, slots=True)
