@@ -631,8 +631,18 @@ class WorkerTree(MultiService):
         @return: fires once every child has stopped.
         """
         restore, self._restore_signals = self._restore_signals, []
-        for undo in restore:
-            undo()
+
+        def undo_all() -> None:
+            for undo in restore:
+                undo()
+
+        if restore and getattr(self.reactor, "running", False):
+            # The reactor is shutting down: a second SIGTERM or SIGINT must
+            # still meet our handler (which ignores it), not the reactor's,
+            # which would try to stop a reactor that is already stopping.
+            self.reactor.addSystemEventTrigger("after", "shutdown", undo_all)
+        else:
+            undo_all()
         stopped: Deferred[None] | None = MultiService.stopService(self)
         return stopped
 

@@ -514,6 +514,23 @@ class WorkerTreeTests(unittest.TestCase):
                           (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)],
                          before)
 
+    def test_handlers_kept_until_shutdown_ends(self) -> None:
+        """Stopped while the reactor shuts down, the tree keeps its TERM/INT handlers (a second
+        signal must not reach the reactor's own) until the shutdown is over."""
+        fake = MemoryReactorClock()
+        tree = WorkerTree(None, fake)
+        tree.startService()
+        before = signal.getsignal(signal.SIGTERM)
+        tree.install_signals()
+        ours = signal.getsignal(signal.SIGTERM)
+        self.addCleanup(signal.signal, signal.SIGTERM, before)
+        fake.running = True
+        tree.stopService()
+        self.assertIs(signal.getsignal(signal.SIGTERM), ours)
+        [trigger] = fake.triggers["after"]["shutdown"]
+        trigger[0]()
+        self.assertEqual(signal.getsignal(signal.SIGTERM), before)
+
     def test_stop_signal_stops_reactor(self) -> None:
         """SIGTERM's callback stops the reactor (once, without error)."""
         fake = MemoryReactorClock()
