@@ -110,8 +110,10 @@ class Update:
     source: str = LOCAL_SOURCE
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", UpdateKind(self.kind))
-        check_digest(self.digest)
+        if type(self.kind) is not UpdateKind:
+            object.__setattr__(self, "kind", UpdateKind(self.kind))
+        if type(self.digest) is not bytes or len(self.digest) != DIGEST_SIZE:
+            check_digest(self.digest)
         if self.shingles is not None:
             object.__setattr__(self, "shingles", check_shingles(self.shingles))
 

@@ -44,6 +44,7 @@ by this module only, which the tap imports lazily.
 from __future__ import annotations
 
 import bisect
+import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -158,6 +159,19 @@ def _stored_update(digest: bytes, row: Any) -> Update | None:
     return Update(UpdateKind.ADD, digest, number, weight)
 
 
+def _fetched(row: Any, digest: bytes, prob: float) -> CheckResult | None:
+    """The result of one ``HMGET V F C`` reply, ``None`` when ``V`` or ``F`` is absent."""
+    value, flag, created = row
+    if value is None or flag is None:
+        return None
+    return CheckResult(value=int(value), flag=int(flag), prob=prob,
+                       timestamp=int(created) if created is not None else 0, digest=digest)
+
+
+def _found_or_miss(found: CheckResult | None) -> CheckResult:
+    return found if found is not None else MISS
+
+
 @dataclass(frozen=True, slots=True)
 class _DigestListing:
     """Every digest one ``SCAN`` pass found, sorted.
@@ -200,6 +214,23 @@ class _RedisServer:
             self._connecting = True
             self._factory.startConnecting(self._endpoint)
 
+    def execute(self, *args: Any) -> Deferred[Any]:
+        """Send one command on a connection of the pool; fire with its reply.
+
+        An idle connected connection is used directly (as txredisapi's own
+        ``peek`` would pick it); without one the command goes through the
+        handler, which waits for a connection.
+        """
+        if self._connecting:
+            idle = self._factory.connectionQueue.pending
+            if idle:
+                connection = idle[0] if len(idle) == 1 else random.choice(idle)
+                if connection.connected:
+                    result: Deferred[Any] = connection.execute_command(*args)
+                    return result
+        handled: Deferred[Any] = self.handler.execute_command(*args)
+        return handled
+
     @property
     def usable(self) -> bool:
         """Connected now, or not yet known to be down."""
@@ -223,6 +254,9 @@ class _ServerGroup:
 
     def pick(self) -> _RedisServer | None:
         """The server to use now, ``None`` when all are known to be down."""
+        if len(self._servers) == 1:
+            only = self._servers[0][0]
+            return only if only.usable else None
         usable = [(server, priority) for server, priority in self._servers if server.usable]
         if not usable:
             return None
@@ -343,45 +377,47 @@ class RedisFuzzyBackend:
 
     def _command_on(self, server: _RedisServer, *args: Any) -> Deferred[Any]:
         try:
-            deferred = server.handler.execute_command(*args)
+            deferred = server.execute(*args)
         except _REDIS_ERRORS as error:
             deferred = fail(error)
         return self._call(server, deferred)
 
     # -- reads --------------------------------------------------------------
 
-    @inlineCallbacks
-    def check(self, digest: Digest, shingles: Shingles | None) -> Any:
+    def check(self, digest: Digest, shingles: Shingles | None) -> Deferred[CheckResult]:
         """``HMGET <prefix>D V F C``; else ``MGET`` of the 32 slot keys and the vote.
 
         Fires with a :class:`CheckResult` (:data:`MISS` when nothing matches);
         fails with :class:`BackendUnavailable` within ``timeout`` when Redis
         cannot answer (at once when no server is usable).
         """
-        found = yield self._fetch(digest, 1.0)
-        if found is not None or shingles is None:
-            return found if found is not None else MISS
-        owners = yield self._command(
+        found = self._fetch(digest, 1.0)
+        if shingles is None:
+            return found.addCallback(_found_or_miss)
+        return found.addCallback(self._vote_if_missing, shingles)
+
+    def _vote_if_missing(self, found: CheckResult | None,
+                         shingles: Shingles) -> CheckResult | Deferred[CheckResult]:
+        if found is not None:
+            return found
+        owners = self._command(
             self._read, "MGET",
             *[shingle_key(self.prefix, number, value) for number, value in enumerate(shingles)],
         )
+        return owners.addCallback(self._voted)
+
+    def _voted(self, owners: list[Any]) -> CheckResult | Deferred[CheckResult]:
         winner, agreeing = vote_shingles(
             [owner if isinstance(owner, bytes) else None for owner in owners]
         )
         if winner is None:
             return MISS
-        found = yield self._fetch(winner, agreeing / SHINGLE_COUNT)
-        return found if found is not None else MISS
+        return self._fetch(winner, agreeing / SHINGLE_COUNT).addCallback(_found_or_miss)
 
-    @inlineCallbacks
-    def _fetch(self, digest: bytes, prob: float) -> Any:
-        value, flag, created = yield self._command(
-            self._read, "HMGET", self._key(digest), "V", "F", "C"
-        )
-        if value is None or flag is None:
-            return None
-        return CheckResult(value=int(value), flag=int(flag), prob=prob,
-                           timestamp=int(created) if created is not None else 0, digest=digest)
+    def _fetch(self, digest: bytes, prob: float) -> Deferred[CheckResult | None]:
+        """``HMGET`` of one digest; fire with its result, ``None`` when it is not stored."""
+        d = self._command(self._read, "HMGET", self.prefix + digest, "V", "F", "C")
+        return d.addCallback(_fetched, digest, prob)
 
     def count(self) -> Deferred[int]:
         """``GET <prefix>_count`` (WRITEs minus DELs; 0 when absent)."""

@@ -115,6 +115,10 @@ _SHINGLES = struct.Struct(f"<{SHINGLE_COUNT}Q")
 _REPLY_V1 = struct.Struct("<iIIf")
 _REPLY_TAIL = struct.Struct("<64sI")
 _EXTRA_FLAG = struct.Struct("<iI")
+_REPLY_EPOCH11 = struct.Struct("<iIIf64sIB11x")
+_F32 = struct.Struct("<f")
+_COMMON_PROBS = frozenset((0.0, 1.0))
+"""Probabilities known to fit a float32 (exact hits, misses, acknowledgements)."""
 
 _U8 = 0xFF
 _U32 = 0xFFFFFFFF
@@ -150,6 +154,9 @@ class Command(enum.IntEnum):
     """Internal: extend a hash's lifetime (never sent by clients)."""
     DUP = 101
     """Internal: a duplicate in the update queue (never sent by clients)."""
+
+
+_COMMANDS: dict[int, Command] = {int(command): command for command in Command}
 
 
 class Epoch(enum.IntEnum):
@@ -357,17 +364,21 @@ class FuzzyCommand:
     extensions: tuple[Extension, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_range("version", self.version, 0, _U8)
-        _check_range("command", self.command, 0, _U8)
-        _check_range("flag", self.flag, 0, _U8)
-        _check_range("value", self.value, _I32_MIN, _I32_MAX)
-        _check_range("tag", self.tag, 0, _U32)
+        if not (0 <= self.version <= _U8 and 0 <= self.command <= _U8 and 0 <= self.flag <= _U8
+                and _I32_MIN <= self.value <= _I32_MAX and 0 <= self.tag <= _U32):
+            _check_range("version", self.version, 0, _U8)
+            _check_range("command", self.command, 0, _U8)
+            _check_range("flag", self.flag, 0, _U8)
+            _check_range("value", self.value, _I32_MIN, _I32_MAX)
+            _check_range("tag", self.tag, 0, _U32)
         if len(self.digest) != DIGEST_SIZE:
             raise FuzzyProtocolError(f"digest must be {DIGEST_SIZE} bytes")
-        if self.shingles and len(self.shingles) != SHINGLE_COUNT:
-            raise FuzzyProtocolError(f"a shingle block has exactly {SHINGLE_COUNT} hashes")
-        for shingle in self.shingles:
-            _check_range("shingle", shingle, 0, _U64)
+        if self.shingles:
+            if len(self.shingles) != SHINGLE_COUNT:
+                raise FuzzyProtocolError(f"a shingle block has exactly {SHINGLE_COUNT} hashes")
+            if not (0 <= min(self.shingles) and max(self.shingles) <= _U64):
+                for shingle in self.shingles:
+                    _check_range("shingle", shingle, 0, _U64)
         count = self.shingles_count
         if count is None:
             count = SHINGLE_COUNT if self.shingles else 0
@@ -376,10 +387,9 @@ class FuzzyCommand:
         if bool(count) != bool(self.shingles):
             raise FuzzyProtocolError("shingles_count and the shingle block disagree")
         if not isinstance(self.command, Command):
-            try:
-                object.__setattr__(self, "command", Command(self.command))
-            except ValueError:
-                pass  # an unknown code stays a plain int
+            known = _COMMANDS.get(self.command)
+            if known is not None:  # an unknown code stays a plain int
+                object.__setattr__(self, "command", known)
 
 
 def encode_command(command: FuzzyCommand) -> bytes:
@@ -420,7 +430,7 @@ def decode_command(payload: bytes, multi_flag: bool = False) -> tuple[FuzzyComma
     shingles: tuple[int, ...] = ()
     if shingles_count:
         shingles = _SHINGLES.unpack_from(payload, COMMAND_SIZE)
-    extensions = _decode_extensions(payload[fixed:])
+    extensions = _decode_extensions(payload[fixed:]) if len(payload) > fixed else ()
     command = FuzzyCommand(
         version=version,
         command=code,
@@ -616,21 +626,26 @@ class FuzzyReply:
     extra_flags: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
-        _check_range("value", self.value, _I32_MIN, _I32_MAX)
-        _check_range("flag", self.flag, 0, _U32)
-        _check_range("tag", self.tag, 0, _U32)
-        _check_range("ts", self.ts, 0, _U32)
+        if not (_I32_MIN <= self.value <= _I32_MAX and 0 <= self.flag <= _U32
+                and 0 <= self.tag <= _U32 and 0 <= self.ts <= _U32):
+            _check_range("value", self.value, _I32_MIN, _I32_MAX)
+            _check_range("flag", self.flag, 0, _U32)
+            _check_range("tag", self.tag, 0, _U32)
+            _check_range("ts", self.ts, 0, _U32)
         if len(self.digest) != DIGEST_SIZE:
             raise FuzzyProtocolError(f"digest must be {DIGEST_SIZE} bytes")
-        if len(self.extra_flags) > MAX_EXTRA_FLAGS:
-            raise FuzzyProtocolError(f"at most {MAX_EXTRA_FLAGS} extra flags")
-        for extra_value, extra_flag in self.extra_flags:
-            _check_range("extra value", extra_value, _I32_MIN, _I32_MAX)
-            _check_range("extra flag", extra_flag, 0, _U32)
-        try:
-            struct.pack("<f", self.prob)
-        except (OverflowError, struct.error):
-            raise FuzzyProtocolError(f"prob {self.prob!r} does not fit a float32") from None
+        if self.extra_flags:
+            if len(self.extra_flags) > MAX_EXTRA_FLAGS:
+                raise FuzzyProtocolError(f"at most {MAX_EXTRA_FLAGS} extra flags")
+            for extra_value, extra_flag in self.extra_flags:
+                _check_range("extra value", extra_value, _I32_MIN, _I32_MAX)
+                _check_range("extra flag", extra_flag, 0, _U32)
+        if self.prob not in _COMMON_PROBS:
+            try:
+                _F32.pack(self.prob)
+            except (OverflowError, struct.error):
+                raise FuzzyProtocolError(
+                    f"prob {self.prob!r} does not fit a float32") from None
 
 
 def encode_reply_body(reply: FuzzyReply, epoch: Epoch) -> bytes:
@@ -639,13 +654,14 @@ def encode_reply_body(reply: FuzzyReply, epoch: Epoch) -> bytes:
     Fields the epoch has no room for (digest/ts in epoch 10, extra flags before
     epoch 12) are left out.
     """
+    marker = 1 if reply.matched_digest else 0
+    if epoch is Epoch.EPOCH11:
+        return _REPLY_EPOCH11.pack(reply.value, reply.flag, reply.tag, reply.prob,
+                                   reply.digest, reply.ts, marker)
     head = _REPLY_V1.pack(reply.value, reply.flag, reply.tag, reply.prob)
     if epoch is Epoch.EPOCH10:
         return head
     tail = _REPLY_TAIL.pack(reply.digest, reply.ts)
-    marker = 1 if reply.matched_digest else 0
-    if epoch is Epoch.EPOCH11:
-        return head + tail + bytes((marker,)) + bytes(11)
     slots = list(reply.extra_flags) + [(0, 0)] * (MAX_EXTRA_FLAGS - len(reply.extra_flags))
     return (
         head
