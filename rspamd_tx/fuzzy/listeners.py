@@ -18,6 +18,7 @@ Both only move bytes between a transport and :meth:`FuzzyStorage.handle
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import deque
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ MAX_PENDING_REPLIES = 64
 """Unanswered requests a TCP connection may have before reading pauses."""
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_host(host: str) -> IPAddress | None:
     """The address of a peer host string (``None`` if it is no IP address).
 

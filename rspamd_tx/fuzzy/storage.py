@@ -151,6 +151,8 @@ class NetworkSet:
     networks: tuple[Network, ...] = ()
 
     def __contains__(self, address: object) -> bool:
+        if not self.networks:
+            return False
         if not isinstance(address, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
             return False
         address = _normal(address)
