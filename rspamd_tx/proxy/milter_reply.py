@@ -30,7 +30,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from rspamd_tx.config.workers import ProxyOptions
+from rspamd_tx.config.workers import STANDARD_ACTIONS, ProxyOptions
 from rspamd_tx.protocols.milter_events import (
     Accept,
     AddHeader,
@@ -64,11 +64,6 @@ __all__ = [
     "result_replies",
 ]
 
-#: The actions every Rspamd configuration registers; others (``discard``,
-#: ``quarantine``, custom ones) exist only when declared in ``actions { }``.
-STANDARD_ACTIONS = frozenset(
-    {"reject", "soft reject", "rewrite subject", "add header", "greylist", "no action"}
-)
 #: SMTP reply and enhanced status code of a rejection.
 REJECT_CODE = (b"554", b"5.7.1")
 #: SMTP reply and enhanced status code of a soft rejection.
