@@ -392,10 +392,9 @@ class ResyncBegin(_EpochRevision):
 
 
 @dataclass(frozen=True, slots=True)
-class ResyncChunk:
-    """Master → slave: stored hashes (ADD records carrying the stored weight)."""
+class _Records:
+    """A frame whose body is a list of update records and nothing else."""
 
-    TYPE: ClassVar[int] = 0x24
     updates: tuple[UpdateRecord, ...]
 
     def __post_init__(self) -> None:
@@ -405,12 +404,19 @@ class ResyncChunk:
         return _encode_records(self.updates)
 
     @classmethod
-    def decode_body(cls, body: bytes) -> ResyncChunk:
+    def decode_body(cls, body: bytes) -> Self:
         return cls(_decode_records(body, 0))
 
 
 @dataclass(frozen=True, slots=True)
-class ResyncFix:
+class ResyncChunk(_Records):
+    """Master → slave: stored hashes (ADD records carrying the stored weight)."""
+
+    TYPE: ClassVar[int] = 0x24
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncFix(_Records):
     """Master → slave, within a resync: current state of digests changed during the copy.
 
     ADD records carry the weight stored now (the slave replaces its copy);
@@ -418,17 +424,6 @@ class ResyncFix:
     """
 
     TYPE: ClassVar[int] = 0x26
-    updates: tuple[UpdateRecord, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "updates", tuple(self.updates))
-
-    def encode_body(self) -> bytes:
-        return _encode_records(self.updates)
-
-    @classmethod
-    def decode_body(cls, body: bytes) -> ResyncFix:
-        return cls(_decode_records(body, 0))
 
 
 @dataclass(frozen=True, slots=True)
