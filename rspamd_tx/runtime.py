@@ -19,6 +19,7 @@ logging and stop signals) on the global reactor.
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import signal
@@ -75,9 +76,14 @@ __all__ = [
     "WorkerTree",
     "make_worker_tree",
     "make_tap_service",
+    "settle_heap",
 ]
 
 log = Logger()
+
+#: Allocations between two collections of the youngest generation once a
+#: worker serves (Python's default is 700).
+GC_YOUNG_THRESHOLD = 20_000
 
 #: Environment variable telling a supervised child its slot (0 to count - 1).
 PROCESS_SLOT_ENV = "RSPAMD_TX_PROCESS_SLOT"
@@ -218,6 +224,23 @@ def install_signal_handler(reactor: Any, signum: int,
 
 
 SignalInstaller = Callable[[Any, int, Callable[[], object]], Callable[[], None]]
+
+
+def settle_heap() -> None:
+    """Tune the cyclic garbage collector for serving, once start-up is over.
+
+    What start-up left alive (modules, configuration, metrics) is collected
+    once and then frozen (:func:`gc.freeze`), so later full collections walk
+    only what requests allocate; and the youngest generation is collected
+    every :data:`GC_YOUNG_THRESHOLD` allocations instead of every 700.
+    Reference counting frees almost all of a request's objects at once, so
+    this costs little memory and saves collector time and pauses on every
+    request.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, oldest)
 
 
 class WorkerService(MultiService):
@@ -569,14 +592,16 @@ class WorkerTree(MultiService):
     and ``SIGINT`` stop the reactor through :func:`install_signal_handler`,
     so a stop by signal is a normal shutdown and the process exits 0; and
     ``SIGUSR1`` reopens the log file (after rotation) and is passed on to the
-    children of every supervisor in the tree (their ``reopen_logs``).
+    children of every supervisor in the tree (their ``reopen_logs``).  Then
+    ``settle`` (by default :func:`settle_heap`) tunes the garbage collector.
     """
 
     def __init__(self, log_observer: LogObserver | None = None,
-                 reactor: Any = None) -> None:
+                 reactor: Any = None, settle: Callable[[], None] = settle_heap) -> None:
         MultiService.__init__(self)
         self.log_observer = log_observer
         self.reactor = reactor
+        self._settle = settle
         self._restore_signals: list[Callable[[], None]] = []
 
     def setServiceParent(self, parent: Any) -> None:
@@ -588,11 +613,13 @@ class WorkerTree(MultiService):
 
     def startService(self) -> None:
         """Start the children; with a reactor, install the signal handlers
-        once the reactor has started (:meth:`install_signals`)."""
+        (:meth:`install_signals`) and settle the heap once the reactor has
+        started."""
         MultiService.startService(self)
         if self.reactor is not None:
             self.reactor.addSystemEventTrigger("after", "startup",
                                                self.install_signals)
+            self.reactor.addSystemEventTrigger("after", "startup", self._settle)
 
     def install_signals(self) -> None:
         """Make ``SIGTERM`` and ``SIGINT`` stop the reactor and ``SIGUSR1``

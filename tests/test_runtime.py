@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import signal
@@ -23,6 +24,7 @@ from rspamd_tx.config.bind import InetListen, SocketKind
 from rspamd_tx.config.schema import Diagnostic
 from rspamd_tx.config.tree import ConfigError, Location
 from rspamd_tx.runtime import (
+    GC_YOUNG_THRESHOLD,
     PROCESS_SLOT_ENV,
     WorkerService,
     WorkerTree,
@@ -32,6 +34,7 @@ from rspamd_tx.runtime import (
     install_signal_handler,
     process_count,
     process_slot,
+    settle_heap,
 )
 from rspamd_tx.supervisor import ParentWatch, Supervisor
 
@@ -495,15 +498,18 @@ class WorkerTreeTests(unittest.TestCase):
         """TERM, INT and USR1 handlers are set after the reactor's own, and
         the previous ones are back after the stop."""
         fake = MemoryReactorClock()
-        tree = WorkerTree(None, fake)
+        settled: list[bool] = []
+        tree = WorkerTree(None, fake, settle=lambda: settled.append(True))
         tree.startService()
-        [(phase, event, trigger)] = [
-            (phase, event, t[0]) for phase, events in fake.triggers.items()
-            for event, triggers in events.items() for t in triggers]
-        self.assertEqual((phase, event), ("after", "startup"))
+        found = [(phase, event, t[0]) for phase, events in fake.triggers.items()
+                 for event, triggers in events.items() for t in triggers]
+        self.assertEqual([(phase, event) for phase, event, _ in found],
+                         [("after", "startup")] * 2)
         before = [signal.getsignal(s) for s in
                   (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)]
-        trigger()
+        for _, _, trigger in found:
+            trigger()
+        self.assertEqual(settled, [True])
         self.addCleanup(tree.stopService)
         during = [signal.getsignal(s) for s in
                   (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)]
@@ -518,7 +524,7 @@ class WorkerTreeTests(unittest.TestCase):
         """Stopped while the reactor shuts down, the tree keeps its TERM/INT handlers (a second
         signal must not reach the reactor's own) until the shutdown is over."""
         fake = MemoryReactorClock()
-        tree = WorkerTree(None, fake)
+        tree = WorkerTree(None, fake, settle=lambda: None)
         tree.startService()
         before = signal.getsignal(signal.SIGTERM)
         tree.install_signals()
@@ -552,6 +558,23 @@ class WorkerTreeTests(unittest.TestCase):
         FakeSupervisor().setServiceParent(tree)
         tree.reopen_logs()
         self.assertEqual((observer.reopened, forwarded), (1, ["USR1"]))
+
+
+class SettleHeapTests(unittest.TestCase):
+    """The garbage collector's tuning for serving."""
+
+    def test_freezes_survivors_and_raises_young_threshold(self) -> None:
+        """Objects alive before are frozen; the youngest generation waits for
+        GC_YOUNG_THRESHOLD allocations, the older thresholds are kept."""
+        threshold = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *threshold)
+        self.addCleanup(gc.unfreeze)
+        survivor = [object()]
+        settle_heap()
+        self.assertGreater(gc.get_freeze_count(), 0)
+        self.assertFalse(any(tracked is survivor for tracked in gc.get_objects()))
+        self.assertEqual(gc.get_threshold(),
+                         (GC_YOUNG_THRESHOLD, threshold[1], threshold[2]))
 
 
 class ParentWatchTests(unittest.TestCase):
