@@ -139,11 +139,12 @@ SocketSource = Callable[[Collection[SocketKind]], list[socket.socket]]
 """Gives the bound listening sockets for the kinds a worker serves."""
 
 
-def bound_sockets(specs: Sequence[ListenSpec]) -> SocketSource:
-    """A socket source that binds ``specs`` (see :func:`open_listen_sockets`)."""
+def bound_sockets(specs: Sequence[ListenSpec], *, reuse_port: bool = False) -> SocketSource:
+    """A socket source that binds ``specs`` (see :func:`open_listen_sockets`,
+    which also says what ``reuse_port`` does)."""
 
     def open_sockets(kinds: Collection[SocketKind]) -> list[socket.socket]:
-        return open_listen_sockets(specs, kinds)
+        return open_listen_sockets(specs, kinds, reuse_port=reuse_port)
 
     return open_sockets
 
@@ -720,7 +721,7 @@ def make_worker_tree(options: TapOptions, build: BuildWorker,
                 kinds.add(SocketKind.DATAGRAM)
             children.append(Supervisor(
                 f"{worker.type}#{index}", process_count(worker), kinds,
-                bound_sockets(specs), _child_command(options, index), reactor))
+                bound_sockets(specs, reuse_port=True), _child_command(options, index), reactor))
         else:
             children.append(WorkerService(
                 config, worker, build, reactor, bound_sockets(specs),

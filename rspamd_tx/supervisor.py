@@ -2,7 +2,10 @@
 
 The :class:`Supervisor` binds the worker's sockets once and spawns ``count``
 children that adopt them (the sockets are passed as descriptors 3, 4, ...
-through ``childFDs``). A child that dies while the supervisor runs is
+through ``childFDs``).  Stream sockets are shared; an IP datagram socket bound
+with ``SO_REUSEPORT`` gets a twin per child (:func:`datagram_twin`), as Rspamd
+gives each fuzzy process its own UDP socket, so a datagram wakes one process
+only; a twin that cannot be bound is replaced by the shared socket. A child that dies while the supervisor runs is
 restarted after a delay that doubles with each quick failure. ``SIGHUP`` is
 forwarded to every child (each reloads its own configuration), and so is the
 log reopening that ``SIGUSR1`` asks for (:meth:`Supervisor.reopen_logs`).
@@ -30,7 +33,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rspamd_tx.config.bind import SocketKind, describe_socket
+from rspamd_tx.config.bind import SocketKind, datagram_twin, describe_socket
 from rspamd_tx.runtime import PROCESS_SLOT_ENV, SignalInstaller, install_signal_handler
 
 __all__ = ["Supervisor", "ParentWatch", "ChildCommand"]
@@ -108,6 +111,7 @@ class Supervisor(Service):
         self._install_signal = install_signal
         self._restore_signal: Callable[[], None] | None = None
         self._sockets: list[socket.socket] = []
+        self._slot_sockets: list[list[socket.socket]] = []
         self._failures: dict[int, int] = {}
         self._pending_restarts: dict[int, Any] = {}
         self._stopping: Deferred[None] | None = None
@@ -117,12 +121,28 @@ class Supervisor(Service):
 
         @raise ConfigError: a socket cannot be opened.
         """
+        self._bind()
+        Service.privilegedStartService(self)
+
+    def _bind(self) -> None:
         self._sockets = self._open_sockets(self.kinds)
         for sock in self._sockets:
             log.info("{worker} listening on {address} for {count} processes",
                      worker=self.name, address=describe_socket(sock),
                      count=self.count)
-        Service.privilegedStartService(self)
+        self._slot_sockets = [list(self._sockets)]
+        for _ in range(1, self.count):
+            self._slot_sockets.append([self._twin(sock) for sock in self._sockets])
+
+    def _twin(self, sock: socket.socket) -> socket.socket:
+        try:
+            twin = datagram_twin(sock)
+        except OSError as e:
+            log.warn("{worker}: cannot open another socket on {address} ({error}); "
+                     "the processes share one", worker=self.name,
+                     address=describe_socket(sock), error=e.strerror or str(e))
+            return sock
+        return sock if twin is None else twin
 
     def startService(self) -> None:
         """Bind the sockets unless already bound, forward ``SIGHUP`` to the
@@ -131,7 +151,7 @@ class Supervisor(Service):
         @raise ConfigError: a socket cannot be opened.
         """
         if not self._sockets:
-            self._sockets = self._open_sockets(self.kinds)
+            self._bind()
         Service.startService(self)
         self._stopping = None
         self._restore_signal = self._install_signal(
@@ -141,9 +161,10 @@ class Supervisor(Service):
 
     def _spawn(self, slot: int) -> None:
         self._pending_restarts.pop(slot, None)
-        fds = [FIRST_CHILD_FD + i for i in range(len(self._sockets))]
+        sockets = self._slot_sockets[slot]
+        fds = [FIRST_CHILD_FD + i for i in range(len(sockets))]
         child_fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
-        for fd, sock in zip(fds, self._sockets):
+        for fd, sock in zip(fds, sockets):
             child_fds[fd] = sock.fileno()
         executable, args = self._child_command(fds)
         child = _Child(self, slot)
@@ -227,9 +248,9 @@ class Supervisor(Service):
         self._signal_children("KILL")
 
     def _close_sockets(self) -> None:
-        for sock in self._sockets:
+        for sock in {id(sock): sock for slot in self._slot_sockets for sock in slot}.values():
             sock.close()
-        self._sockets = []
+        self._sockets, self._slot_sockets = [], []
 
 
 def _cancel_then_pass(result: object, call: Any) -> object:

@@ -27,6 +27,7 @@ from rspamd_tx.config.bind import (
     SystemdListen,
     UnixListen,
     adopt_sockets,
+    datagram_twin,
     open_listen_sockets,
     parse_bind_line,
     parse_bind_lines,
@@ -196,6 +197,33 @@ class BindTests(unittest.TestCase):
         self.assertNotEqual(sock.getsockname()[1], 0)
         client = socket.create_connection(sock.getsockname()[:2])
         client.close()
+
+    def test_datagram_twins_share_the_address(self) -> None:
+        """With reuse_port, a datagram socket has twins on its address and the
+        kernel spreads senders over them; streams and plain sockets have none."""
+        stream, datagram = self.open(parse("127.0.0.1:0"),
+                                     {SocketKind.STREAM, SocketKind.DATAGRAM},
+                                     reuse_port=True)
+        self.assertIsNone(datagram_twin(stream))
+        twin = datagram_twin(datagram)
+        assert twin is not None
+        self.addCleanup(twin.close)
+        self.assertEqual(twin.getsockname(), datagram.getsockname())
+        self.assertFalse(twin.getblocking())
+        reached = set()
+        for _ in range(64):
+            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.addCleanup(sender.close)
+            sender.sendto(b"x", datagram.getsockname())
+            for index, receiver in enumerate((datagram, twin)):
+                try:
+                    receiver.recvfrom(16)
+                except BlockingIOError:
+                    continue
+                reached.add(index)
+        self.assertEqual(reached, {0, 1})
+        [plain] = self.open(parse("127.0.0.1:0"), {SocketKind.DATAGRAM})
+        self.assertIsNone(datagram_twin(plain))
 
     def test_ipv6_stream(self) -> None:
         """A bracketed IPv6 literal binds an IPv6-only socket."""

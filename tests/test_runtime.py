@@ -383,6 +383,35 @@ class SupervisorUnitTests(unittest.TestCase):
             self.assertEqual((child_fds[0], child_fds[1], child_fds[2]),
                              ("w", 1, 2))
 
+    def test_each_child_has_its_own_datagram_socket(self) -> None:
+        """With reuse_port, every child gets its own datagram socket on the one
+        address (a restart gets its slot's again) and they all share the
+        stream socket; stopping closes them all."""
+        fake = SpawningReactor()
+        supervisor = Supervisor(
+            "fuzzy#0", 3, {SocketKind.STREAM, SocketKind.DATAGRAM},
+            bound_sockets([InetListen("127.0.0.1", 0, "127.0.0.1:0")], reuse_port=True),
+            lambda fds: ("/bin/child", ["child", ",".join(map(str, fds))]),
+            fake, environ={}, install_signal=FakeSignals())
+        supervisor.privilegedStartService()
+        supervisor.startService()
+        stream, datagram = supervisor._sockets
+        given = [(child_fds[3], child_fds[4]) for _, _, child_fds, _ in fake.spawned]
+        self.assertEqual({streams for streams, _ in given}, {stream.fileno()})
+        self.assertEqual(len({datagrams for _, datagrams in given}), 3)
+        self.assertEqual(given[0][1], datagram.fileno())
+        twins = [sock for slot in supervisor._slot_sockets for sock in slot]
+        self.assertEqual({sock.getsockname() for sock in twins if sock.type == socket.SOCK_DGRAM},
+                         {datagram.getsockname()})
+        fake.spawned[2][0].processEnded(died())
+        fake.advance(1.0)
+        self.assertEqual(fake.spawned[-1][2][4], given[2][1])
+        stopped = supervisor.stopService()
+        for protocol, *_ in fake.spawned[:2] + fake.spawned[3:]:
+            protocol.processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(stopped)
+        self.assertTrue(all(sock.fileno() == -1 for sock in twins))
+
     def test_children_told_their_slot(self) -> None:
         """Each child gets its slot in RSPAMD_TX_PROCESS_SLOT, and a restart keeps the slot."""
         supervisor, fake, _ = self.make(count=2)

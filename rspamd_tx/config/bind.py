@@ -52,6 +52,7 @@ __all__ = [
     "parse_bind_line",
     "parse_bind_lines",
     "open_listen_sockets",
+    "datagram_twin",
     "adopt_sockets",
     "describe_socket",
     "socket_from_descriptor",
@@ -344,7 +345,7 @@ def describe_socket(sock: socket.socket) -> str:
 
 
 def _bind_inet(spec: InetListen, port: int, kind: SocketKind,
-               backlog: int) -> socket.socket:
+               backlog: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in spec.address else socket.AF_INET
     sock_type = (socket.SOCK_STREAM if kind is SocketKind.STREAM
                  else socket.SOCK_DGRAM)
@@ -354,6 +355,8 @@ def _bind_inet(spec: InetListen, port: int, kind: SocketKind,
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if kind is SocketKind.STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        elif reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((spec.address, port))
         if kind is SocketKind.STREAM:
             sock.listen(backlog)
@@ -445,6 +448,7 @@ def open_listen_sockets(
     environ: Mapping[str, str] | None = None,
     pid: int | None = None,
     backlog: int = socket.SOMAXCONN,
+    reuse_port: bool = False,
 ) -> list[socket.socket]:
     """Bind every spec for every kind a worker serves; return the sockets.
 
@@ -454,6 +458,9 @@ def open_listen_sockets(
     unix sockets are stream only. A systemd socket is adopted as whatever kind
     it is, and must be a kind the worker serves. ``environ`` and ``pid``
     (default: this process's) are where socket activation is read from.
+    With ``reuse_port``, IP datagram sockets are bound with ``SO_REUSEPORT``,
+    so that :func:`datagram_twin` can open more sockets on the same address
+    (one per process; the kernel spreads the datagrams over them by sender).
 
     An address the host does not have (``EADDRNOTAVAIL``, e.g. ``::1`` where
     IPv6 is off, as ``localhost`` may resolve to) is skipped with a warning
@@ -493,7 +500,7 @@ def open_listen_sockets(
                     port = spec.port or chosen_ports.get(spec.bind_line, 0)
                     try:
                         sock = _wrap_os_error(spec, _bind_inet, spec, port,
-                                              kind, backlog)
+                                              kind, backlog, reuse_port)
                     except ConfigError as e:
                         if not _unavailable(e):
                             raise
@@ -513,6 +520,34 @@ def open_listen_sockets(
             sock.close()
         raise
     return sockets
+
+
+def datagram_twin(sock: socket.socket) -> socket.socket | None:
+    """Another non-blocking datagram socket bound to ``sock``'s address.
+
+    Only an IP datagram socket bound with ``SO_REUSEPORT`` (see
+    :func:`open_listen_sockets`) has twins; for any other socket the answer
+    is ``None``.  Datagrams to the address are then spread over the twins by
+    the kernel, so processes each reading their own twin never wake up for
+    one another's datagrams.
+
+    @raise OSError: the twin cannot be bound.
+    """
+    if (sock.type != socket.SOCK_DGRAM
+            or sock.family not in (socket.AF_INET, socket.AF_INET6)
+            or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)):
+        return None
+    twin = socket.socket(sock.family, socket.SOCK_DGRAM)
+    try:
+        if sock.family == socket.AF_INET6:
+            twin.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        twin.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        twin.bind(sock.getsockname())
+        twin.setblocking(False)
+    except OSError:
+        twin.close()
+        raise
+    return twin
 
 
 def _unavailable(error: ConfigError) -> bool:
