@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import platform
 import resource
 import signal
 import socket
@@ -35,6 +36,7 @@ from rspamd_tx.runtime import (
     process_count,
     process_slot,
     settle_heap,
+    tune_malloc,
 )
 from rspamd_tx.supervisor import ParentWatch, Supervisor
 
@@ -604,6 +606,13 @@ class SettleHeapTests(unittest.TestCase):
         self.assertFalse(any(tracked is survivor for tracked in gc.get_objects()))
         self.assertEqual(gc.get_threshold(),
                          (GC_YOUNG_THRESHOLD, threshold[1], threshold[2]))
+
+
+    def test_malloc_tuned_on_glibc(self) -> None:
+        """On glibc every mallopt setting is accepted."""
+        if platform.libc_ver()[0] != "glibc":
+            raise unittest.SkipTest("mallopt is glibc's")
+        self.assertTrue(tune_malloc())
 
 
 class ParentWatchTests(unittest.TestCase):
