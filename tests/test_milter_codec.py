@@ -18,7 +18,8 @@ from rspamd_tx.protocols.milter_events import (
     DeleteRecipient, Discard, EndOfHeaders, EndOfMessage, Header, Helo,
     HttpPing, InsertHeader, Macro, MailFrom, OptionNegotiation,
     OptionNegotiationReply, Progress, Quarantine, Quit, QuitNewConnection,
-    RcptTo, Reject, ReplaceBody, ReplyCode, Response, Skip, Tempfail, Unknown,
+    RcptTo, Reject, ReplaceBody, ReplyCode, Response, ServerEvent, Skip, Tempfail,
+    Unknown,
 )
 from tests.milter_frames import COMMAND_FRAMES, RESPONSE_FRAMES
 
@@ -102,6 +103,23 @@ class CommandTableTests(unittest.TestCase):
         for cut in range(len(wire) + 1):
             self.assertEqual(decode_all(MilterDecoder(), [wire[:cut], wire[cut:]]),
                              expected, cut)
+
+    def test_frames_across_many_reads(self) -> None:
+        """Body frames spanning several reads (headers split too) decode whole and in order."""
+        chunks = [BodyChunk(bytes([65 + i]) * (1000 + i)) for i in range(5)]
+        wire = b"".join(chunk.encode() for chunk in chunks)
+        for size in (1, 3, 7, 333, 1004, 2500):
+            decoder = MilterDecoder()
+            events: list[ServerEvent] = []
+            received = 0
+            for start in range(0, len(wire), size):
+                decoder.feed(wire[start:start + size])
+                received = min(start + size, len(wire))
+                events.extend(decoder)
+                consumed = sum(5 + len(event.data) for event in events
+                               if isinstance(event, BodyChunk))
+                self.assertEqual(decoder.buffered, received - consumed, (size, received))
+            self.assertEqual(events, chunks, size)
 
     def test_ignored_payloads(self) -> None:
         """Payload after A, N, Q, K and T is ignored, as Rspamd ignores it."""

@@ -8,10 +8,11 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -689,11 +690,63 @@ class BufferTests(unittest.TestCase):
         protocol.dataReceived(frames(chunks[2], EndOfMessage()))
         self.assertEqual(scanner.requests[0].body, b"\r\n" + b"A" * 600 + b"B" * 600 + b"C" * 600)
 
+    def test_message_joined_once(self) -> None:
+        """The pieces of a message are joined once; later reads return the same bytes."""
+        buffer = MessageBuffer(100)
+        for piece in (b"ab", b"cd", b"ef"):
+            buffer.append(piece)
+        value = buffer.getvalue()
+        self.assertEqual(value, b"abcdef")
+        self.assertIs(buffer.getvalue(), value)
+        buffer.append(b"gh")
+        self.assertEqual((buffer.getvalue(), buffer.size), (b"abcdefgh", 8))
+
     def mktemp_dir(self) -> str:
         import os
         path = self.mktemp()
         os.makedirs(path)
         return path
+
+
+class SocketTransport(FileDescriptor):
+    """A socket-like transport: a FileDescriptor whose written bytes are kept."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryReactor())
+        self.connected = 1
+        self.written = b""
+
+    def writeSomeData(self, data: bytes) -> int:
+        self.written += bytes(data)
+        return len(data)
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 40000)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 11332)
+
+
+class ReadSizeTests(SessionCase):
+    """Socket reads grow while a large message arrives."""
+
+    def test_large_reads_during_large_message(self) -> None:
+        """A full read raises the read size; the answer brings the default back."""
+        protocol = self.factory().buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = SocketTransport()
+        protocol.makeConnection(transport)
+        default = transport.bufferSize
+        protocol.dataReceived(frames(OptionNegotiation(6, 0x1FF, 0x1FFFFF), *CONVERSATION))
+        self.assertEqual(transport.bufferSize, default)
+        body = frames(*[BodyChunk(b"x" * 60000) for _ in range(3)], EndOfMessage())
+        protocol.dataReceived(body[:default])
+        self.assertGreater(transport.bufferSize, default)
+        protocol.dataReceived(body[default:])
+        self.assertEqual(self.scanner.requests[0].body[-180002:], b"\r\n" + b"x" * 180000)
+        self.scanner.answer({"action": "no action"})
+        self.assertEqual(transport.bufferSize, default)
+        transport.doWrite()
+        self.assertEqual(decode(transport.written)[-1], Accept())
 
 
 class FactoryTests(SessionCase):

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections import deque
+from functools import lru_cache
 from typing import Callable, Generic, Iterator, Mapping, TypeVar
 
 from rspamd_tx.protocols.milter_events import (
@@ -323,6 +325,10 @@ class _FrameDecoder(Generic[_E]):
     HTTP health-check hack.  ``max_frame`` bounds the payload (the bytes
     after the command byte) and is checked as soon as the 5-byte frame
     header has arrived, before any of the payload is waited for.
+
+    Received pieces are kept as they came (no growing buffer): a payload
+    lying inside one piece is sliced out of it, one spanning several pieces
+    is joined from views of them, so every payload byte is copied once.
     """
 
     _parsers: Mapping[int, Callable[[bytes], _E]]
@@ -330,7 +336,13 @@ class _FrameDecoder(Generic[_E]):
     def __init__(self, max_frame: int, max_http_line: int = DEFAULT_MAX_HTTP_LINE) -> None:
         self.max_frame = max_frame
         self.max_http_line = max_http_line
-        self._buffer = bytearray()
+        #: The oldest received piece not wholly consumed, read from ``_pos``.
+        self._data = b""
+        self._pos = 0
+        #: Pieces received after ``_data``, in order.
+        self._more: deque[bytes] = deque()
+        #: Unconsumed bytes in ``_data`` and ``_more``.
+        self._size = 0
         self._head: tuple[int, int] | None = None
         self._error: MilterProtocolError | None = None
         self._finished = False
@@ -338,17 +350,23 @@ class _FrameDecoder(Generic[_E]):
     @property
     def buffered(self) -> int:
         """Bytes received and not yet turned into events."""
-        return len(self._buffer)
+        return self._size
 
     def feed(self, data: bytes) -> None:
         """Add received bytes.  Never raises; bytes after an error are dropped.
 
         Call :meth:`next_event` until it returns ``None`` after each feed.
         """
-        if self._error is not None or self._finished:
+        if self._error is not None or self._finished or not data:
             return
-        self._buffer += data
-        self._check_head()
+        if self._size:
+            self._more.append(data)
+        else:
+            self._data = data
+            self._pos = 0
+        self._size += len(data)
+        if self._head is None:
+            self._check_head()
 
     def next_event(self) -> _E | None:
         """Return the next complete event, or ``None`` if more bytes are needed.
@@ -360,41 +378,122 @@ class _FrameDecoder(Generic[_E]):
             raise self._error
         if self._finished:
             return None
-        self._check_head()
-        if self._error is not None:
-            raise self._error
-        if self._head is None:
+        head = self._head
+        if head is None:
+            if self._size >= 5:
+                self._check_head()
+                if self._error is not None:
+                    raise self._error
+                head = self._head
+            if head is None:
+                return self._no_frame()
+        code, size = head
+        count = 5 + size
+        if self._size < count:
             return None
-        code, size = self._head
-        if len(self._buffer) < 5 + size:
-            return None
-        with memoryview(self._buffer) as view:
-            payload = bytes(view[5:5 + size])
-        del self._buffer[:5 + size]
         self._head = None
+        pos = self._pos
+        data = self._data
+        if pos + count < len(data):
+            # The whole frame lies inside the current piece (the usual case).
+            self._pos = pos + count
+            self._size -= count
+            payload = data[pos + 5:pos + count]
+        else:
+            payload = self._take(count, 5)
         try:
             return self._parsers[code](payload)
         except MilterProtocolError as error:
             raise self._fail(error.reason) from None
+
+    def _no_frame(self) -> _E | None:
+        """What :meth:`next_event` returns when no frame header is buffered.
+
+        ``None`` (wait for more bytes); the server side answers its HTTP
+        health check here.
+        """
+        return None
 
     def __iter__(self) -> Iterator[_E]:
         """Yield every complete event currently buffered."""
         while (event := self.next_event()) is not None:
             yield event
 
+    def _take(self, count: int, skip: int) -> bytes:
+        """Consume ``count`` buffered bytes reaching at least to the end of the
+        current piece; return them without the first ``skip``."""
+        data, pos = self._data, self._pos
+        end = pos + count
+        self._size -= count
+        if end == len(data):
+            self._data = self._more.popleft() if self._more else b""
+            self._pos = 0
+            return data[pos + skip:]
+        # The frame runs into later pieces: join views of its parts.
+        parts: list[memoryview] = [memoryview(data)[pos:]]
+        wanted = end - len(data)
+        more = self._more
+        while True:
+            piece = more.popleft()
+            if len(piece) > wanted:
+                parts.append(memoryview(piece)[:wanted])
+                self._data, self._pos = piece, wanted
+                break
+            parts.append(memoryview(piece))
+            wanted -= len(piece)
+            if not wanted:
+                self._data = more.popleft() if more else b""
+                self._pos = 0
+                break
+        while skip:
+            # Drop the skipped bytes (a frame header may straddle pieces too).
+            first = parts[0]
+            if len(first) > skip:
+                parts[0] = first[skip:]
+                break
+            skip -= len(first)
+            del parts[0]
+        return b"".join(parts)
+
+    def _peek(self, count: int) -> bytes:
+        """The first ``count`` buffered bytes (at most what is buffered), not consumed."""
+        data, pos = self._data, self._pos
+        if pos + count <= len(data):
+            return data[pos:pos + count]
+        head = data[pos:]
+        for piece in self._more:
+            if len(head) >= count:
+                break
+            head += piece[:count - len(head)]
+        return head
+
+    def _contiguous(self) -> bytes:
+        """Merge everything buffered into ``_data`` (from 0) and return it."""
+        if self._pos or self._more:
+            self._data = b"".join((memoryview(self._data)[self._pos:], *self._more))
+            self._pos = 0
+            self._more.clear()
+        return self._data
+
     def _fail(self, reason: str) -> MilterProtocolError:
         """Enter the failed state; return the error to raise."""
         self._error = MilterProtocolError(reason)
-        self._buffer.clear()
+        self._data = b""
+        self._pos = self._size = 0
+        self._more.clear()
         return self._error
 
     def _check_head(self) -> None:
         """Validate the frame header at the start of the buffer, once."""
         if self._head is not None or self._error is not None:
             return
-        if len(self._buffer) < 5:
+        if self._size < 5:
             return
-        length, code = _HEAD.unpack_from(self._buffer)
+        data, pos = self._data, self._pos
+        if pos + 5 <= len(data):
+            length, code = _HEAD.unpack_from(data, pos)
+        else:
+            length, code = _HEAD.unpack(self._peek(5))
         if length == 0:
             self._fail("Command length is too short")
             return
@@ -410,6 +509,30 @@ class _FrameDecoder(Generic[_E]):
     def _oversize(self, size: int) -> None:
         """React to a length field above ``max_frame`` (nothing buffered yet)."""
         self._fail(f"Command length is too big: {size}")
+
+
+@lru_cache(maxsize=None)
+def _command_parsers(max_macros: int, max_args: int) -> Mapping[int, Callable[[bytes], ServerEvent]]:
+    """The command parser table for these bounds (shared by every decoder using them)."""
+    abort, quit_, quit_new, data, end_of_headers = (
+        Abort(), Quit(), QuitNewConnection(), Data(), EndOfHeaders())
+    return {
+        ord(b"O"): _parse_optneg,
+        ord(b"C"): _parse_connect,
+        ord(b"H"): _parse_helo,
+        ord(b"M"): _envelope_parser(MailFrom, "mail", max_args),
+        ord(b"R"): _envelope_parser(RcptTo, "rcpt", max_args),
+        ord(b"D"): _macro_parser(max_macros),
+        ord(b"L"): _parse_header,
+        ord(b"N"): lambda payload: end_of_headers,
+        ord(b"B"): BodyChunk,
+        ord(b"E"): EndOfMessage,
+        ord(b"A"): lambda payload: abort,
+        ord(b"Q"): lambda payload: quit_,
+        ord(b"K"): lambda payload: quit_new,
+        ord(b"U"): _parse_unknown,
+        ord(b"T"): lambda payload: data,
+    }
 
 
 class MilterDecoder(_FrameDecoder[ServerEvent]):
@@ -436,59 +559,45 @@ class MilterDecoder(_FrameDecoder[ServerEvent]):
                  max_http_line: int = DEFAULT_MAX_HTTP_LINE) -> None:
         super().__init__(max_frame, max_http_line)
         self._http = False
-        self._parsers = {
-            ord(b"O"): _parse_optneg,
-            ord(b"C"): _parse_connect,
-            ord(b"H"): _parse_helo,
-            ord(b"M"): _envelope_parser(MailFrom, "mail", max_args),
-            ord(b"R"): _envelope_parser(RcptTo, "rcpt", max_args),
-            ord(b"D"): _macro_parser(max_macros),
-            ord(b"L"): _parse_header,
-            ord(b"N"): lambda payload: EndOfHeaders(),
-            ord(b"B"): BodyChunk,
-            ord(b"E"): EndOfMessage,
-            ord(b"A"): lambda payload: Abort(),
-            ord(b"Q"): lambda payload: Quit(),
-            ord(b"K"): lambda payload: QuitNewConnection(),
-            ord(b"U"): _parse_unknown,
-            ord(b"T"): lambda payload: Data(),
-        }
+        self._parsers = _command_parsers(max_macros, max_args)
 
-    def next_event(self) -> ServerEvent | None:
-        """As :meth:`_FrameDecoder.next_event`, plus the HTTP ping hack."""
-        event = super().next_event()
-        if event is None and self._http and not self._finished:
+    def feed(self, data: bytes) -> None:
+        """As :meth:`_FrameDecoder.feed`; an HTTP request line is bounded here."""
+        super().feed(data)
+        if (self._http and self._error is None and self._http_line_end() < 0
+                and self._size > self.max_http_line):
+            self._fail("HTTP request line too long in milter mode")
+
+    def _no_frame(self) -> ServerEvent | None:
+        """The HTTP ping event once its request line is complete (HTTP mode)."""
+        if self._http:
             return self._http_event()
-        return event
+        return None
 
     def _oversize(self, size: int) -> None:
         # An HTTP request line reads as a huge length: "GET " = 0x47455420.
-        if self._buffer.startswith(b"GET"):
+        start = self._peek(4)
+        if start.startswith(b"GET"):
             self._http = True
-        elif self._buffer.startswith(b"POST"):
+        elif start.startswith(b"POST"):
             self._fail("HTTP POST request is not supported in milter mode")
         else:
             super()._oversize(size)
 
-    def _check_head(self) -> None:
-        if not self._http:
-            super()._check_head()
-        elif self._http_line_end() < 0 and len(self._buffer) > self.max_http_line:
-            self._fail("HTTP request line too long in milter mode")
-
     def _http_line_end(self) -> int:
-        return self._buffer.find(b"\n", 0, self.max_http_line + 1)
+        return self._contiguous().find(b"\n", 0, self.max_http_line + 1)
 
     def _http_event(self) -> HttpPing | None:
         end = self._http_line_end()
         if end < 0:
             return None
-        line = bytes(self._buffer[:end]).rstrip(b"\r")
+        line = self._contiguous()[:end].rstrip(b"\r")
         words = line.split(b" ")
         url = words[1] if len(words) >= 2 and words[0] == b"GET" else b""
         if url.lower() == b"/ping":
             self._finished = True
-            self._buffer.clear()
+            self._data = b""
+            self._pos = self._size = 0
             return HttpPing()
         raise self._fail("HTTP GET request is not supported in milter mode, url: "
                          + url.decode("latin-1"))
@@ -592,10 +701,34 @@ _NO_REPLY_FLAG: Mapping[type, int] = {
     Header: PROTO_NR_HDR, EndOfHeaders: PROTO_NR_EOH, BodyChunk: PROTO_NR_BODY,
 }
 _ALWAYS_ANSWERED = (OptionNegotiation, EndOfMessage)
+#: Commands that settle any owed reply (and may come while one is owed).
+_SETTLING = frozenset({Abort, Quit, QuitNewConnection})
 _MODIFICATIONS = (AddHeader, InsertHeader, ChangeHeader, ReplaceBody, ChangeFrom,
                   AddRecipient, DeleteRecipient, AddRecipientWithArgs, Quarantine,
                   Progress)
 _VERDICTS = (Accept, Continue, Reject, Tempfail, Discard, ReplyCode, ConnectionFail)
+
+_Row = dict[type, tuple[Stage, "_Row"]]
+
+
+def _rows() -> dict[Stage, _Row]:
+    """:data:`TRANSITIONS` linked up: each move carries the next stage's row,
+    so following the table needs no lookup keyed by stage."""
+    rows: dict[Stage, _Row] = {stage: {} for stage in Stage}
+    for stage, moves in TRANSITIONS.items():
+        rows[stage].update((kind, (following, rows[following]))
+                           for kind, following in moves.items())
+    return rows
+
+
+_ROWS = _rows()
+
+
+@lru_cache(maxsize=None)
+def _owing(protocol: int) -> frozenset[type]:
+    """The commands that owe a reply under the negotiated ``protocol`` word."""
+    return frozenset(_ALWAYS_ANSWERED) | {
+        kind for kind, flag in _NO_REPLY_FLAG.items() if not protocol & flag}
 
 
 class MilterConnection:
@@ -635,15 +768,37 @@ class MilterConnection:
         self._decoder = MilterDecoder(max_frame, max_macros=max_macros, max_args=max_args)
         self.max_macro_names = max_macro_names
         self.max_headers = max_headers
-        self.stage = Stage.INIT
+        self._stage = Stage.INIT
+        self._row = _ROWS[Stage.INIT]
         self.offer: OptionNegotiation | None = None
-        self.negotiated: OptionNegotiationReply | None = None
+        self._negotiated: OptionNegotiationReply | None = None
+        self._owing = _owing(0)
         self.body_size = 0
         self.header_count = 0
         self.messages = 0
         self._macro_names: set[bytes] = set()
         self._owed: Command | None = None
         self._error: MilterProtocolError | None = None
+
+    @property
+    def stage(self) -> Stage:
+        """The current :class:`Stage`."""
+        return self._stage
+
+    @stage.setter
+    def stage(self, stage: Stage) -> None:
+        self._stage = stage
+        self._row = _ROWS[stage]
+
+    @property
+    def negotiated(self) -> OptionNegotiationReply | None:
+        """The :class:`OptionNegotiationReply` sent, once sent."""
+        return self._negotiated
+
+    @negotiated.setter
+    def negotiated(self, reply: OptionNegotiationReply | None) -> None:
+        self._negotiated = reply
+        self._owing = _owing(reply.protocol if reply is not None else 0)
 
     @property
     def reply_owed(self) -> Command | None:
@@ -674,60 +829,73 @@ class MilterConnection:
         return event
 
     def __iter__(self) -> Iterator[ServerEvent]:
-        """Yield every complete, valid event currently buffered."""
-        while (event := self.next_event()) is not None:
+        """Yield every complete, valid event currently buffered.
+
+        Each event is checked when it is reached, so what the consumer does
+        with one (answering a negotiation, say) counts for the next.
+        """
+        decoder = self._decoder
+        advance = self._advance
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                event = decoder.next_event()
+                if event is None:
+                    return
+                if not isinstance(event, HttpPing):
+                    advance(event)
+            except MilterProtocolError as error:
+                self._error = error
+                raise
             yield event
 
     def _advance(self, event: Command) -> None:
         kind = type(event)
-        if self._owed is not None and kind not in (Abort, Quit, QuitNewConnection):
+        if self._owed is not None and kind not in _SETTLING:
             raise MilterProtocolError(
                 f"{kind.__name__} received while a reply to "
                 f"{type(self._owed).__name__} is owed")
-        following = TRANSITIONS[self.stage].get(kind)
-        if following is None:
+        move = self._row.get(kind)
+        if move is None:
             raise MilterProtocolError(
-                f"{kind.__name__} out of order at stage {self.stage.value}")
-        if isinstance(event, OptionNegotiation):
-            if event.version < PROTOCOL_VERSION:
-                raise MilterProtocolError(f"invalid protocol version: {event.version}")
-            self.offer = event
-        elif isinstance(event, Macro):
-            self._count_macros(event)
-        elif isinstance(event, Header):
+                f"{kind.__name__} out of order at stage {self._stage.value}")
+        if kind is Header:
             if self.header_count >= self.max_headers:
                 raise MilterProtocolError(f"too many headers (limit {self.max_headers})")
             self.header_count += 1
         elif isinstance(event, BodyChunk):
             self.body_size += len(event.data)
+        elif isinstance(event, Macro):
+            self._count_macros(event)
         elif isinstance(event, (MailFrom, Abort)):
             self._reset_message()
+        elif isinstance(event, OptionNegotiation):
+            if event.version < PROTOCOL_VERSION:
+                raise MilterProtocolError(f"invalid protocol version: {event.version}")
+            self.offer = event
         elif isinstance(event, QuitNewConnection):
             self._reset_message()
             self._macro_names.clear()
-        if isinstance(event, (Abort, QuitNewConnection, Quit)):
+        if kind in _SETTLING:
             self._owed = None
-        elif isinstance(event, _ALWAYS_ANSWERED) or (
-                kind in _NO_REPLY_FLAG and not self._protocol & _NO_REPLY_FLAG[kind]):
+        elif kind in self._owing:
             self._owed = event
-        self.stage = following
+        self._stage, self._row = move
 
     def _count_macros(self, event: Macro) -> None:
+        names = self._macro_names
         for name, _ in event.macros:
             folded = name.lower()
-            if folded not in self._macro_names:
-                if len(self._macro_names) >= self.max_macro_names:
+            if folded not in names:
+                if len(names) >= self.max_macro_names:
                     raise MilterProtocolError(
                         f"too many macros (limit {self.max_macro_names})")
-                self._macro_names.add(folded)
+                names.add(folded)
 
     def _reset_message(self) -> None:
         self.body_size = 0
         self.header_count = 0
-
-    @property
-    def _protocol(self) -> int:
-        return self.negotiated.protocol if self.negotiated is not None else 0
 
     def send(self, response: Response) -> bytes:
         """Return the bytes of *response* after checking it is due now.
@@ -741,7 +909,15 @@ class MilterConnection:
         Raises :class:`MilterUsageError` if the MTA is not waiting for it.
         """
         owed = self._owed
-        if isinstance(response, OptionNegotiationReply):
+        if isinstance(response, _VERDICTS):
+            if owed is None or isinstance(owed, OptionNegotiation):
+                raise MilterUsageError(f"{type(response).__name__} while no verdict is owed")
+            self._owed = None
+            if isinstance(owed, EndOfMessage):
+                self.messages += 1
+                self._reset_message()
+                self.stage = Stage.HELO
+        elif isinstance(response, OptionNegotiationReply):
             if not isinstance(owed, OptionNegotiation):
                 raise MilterUsageError("negotiation reply without an offer to answer")
             self.negotiated = response
@@ -754,14 +930,6 @@ class MilterConnection:
             if not isinstance(owed, BodyChunk):
                 raise MilterUsageError("skip is only a reply to a body chunk")
             self._owed = None
-        elif isinstance(response, _VERDICTS):
-            if owed is None or isinstance(owed, OptionNegotiation):
-                raise MilterUsageError(f"{type(response).__name__} while no verdict is owed")
-            self._owed = None
-            if isinstance(owed, EndOfMessage):
-                self.messages += 1
-                self._reset_message()
-                self.stage = Stage.HELO
         else:
             raise MilterUsageError(f"not a milter response: {response!r}")
         return response.encode()

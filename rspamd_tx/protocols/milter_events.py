@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import ClassVar, Union
 
 __all__ = [
@@ -303,11 +304,13 @@ class Connect:
         return parse_ip(self.family, self.address)
 
 
+@lru_cache(maxsize=1024)
 def parse_ip(family: str, address: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """Parse a connect address the way Rspamd does; ``ValueError`` if bad.
 
     For family ``6`` a leading ``IPv6:`` (any case) is removed and brackets
-    are optional.
+    are optional.  Results are cached (the decoder checks an address and the
+    session uses it).
     """
     text = address.decode("ascii")
     if family == FAMILY_INET:

@@ -30,17 +30,17 @@ from __future__ import annotations
 import ipaddress
 import random
 import socket
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from rspamd_tx.config.workers import ProxyOptions
-from rspamd_tx.logging import tagged_logger
 from rspamd_tx.protocols.milter_codec import MilterConnection, MilterProtocolError, Stage, negotiate
 from rspamd_tx.protocols.milter_events import (
     Abort,
@@ -75,6 +75,11 @@ _log = Logger()
 #: Seconds between two ``p`` replies while a scan is pending.
 DEFAULT_PROGRESS_INTERVAL = 10.0
 
+#: Bytes a socket transport reads at a time (Twisted's default) ...
+_READ_SIZE: int = FileDescriptor.bufferSize
+#: ... and while a large message is arriving (a read came back full).
+_LARGE_READ_SIZE = 256 * 1024
+
 #: Stages in which the MTA is inside a message: closing there is logged as an error.
 _IN_MESSAGE = frozenset({Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.HEADERS, Stage.EOH, Stage.BODY, Stage.EOM})
 
@@ -99,18 +104,22 @@ class MilterProtocol(Protocol):
         self._progress: IDelayedCall | None = None
         self._started = 0.0
         self._closed = False
-        self._log = tagged_logger(self.tag)
+        # The tag of this connection's log lines: the queue id while a
+        # message is answered, else the session tag.
+        self._log_tag = self.tag
+        self._read_size = _READ_SIZE
 
     # -- Twisted API ------------------------------------------------------------
 
     def connectionMade(self) -> None:
         assert self.transport is not None
-        options = self.factory.options
+        factory = self.factory
+        options = factory.options
         self.session = MilterSession(
             options.max_message,
             ConnectionFlags(options.discard_on_reject, options.quarantine_on_reject),
-            spill_threshold=self.factory.spill_threshold,
-            spill_dir=self.factory.spill_dir,
+            spill_threshold=factory.spill_threshold,
+            spill_dir=factory.spill_dir,
         )
         peer = self.transport.getPeer()
         self.peer = str(getattr(peer, "host", peer))
@@ -119,23 +128,43 @@ class MilterProtocol(Protocol):
                 self.transport.setTcpNoDelay(True)
             except OSError:
                 pass
-        self.factory.connections.add(self)
+        factory.connections.add(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        self.milter.receive_data(data)
+        assert self.session is not None
+        milter = self.milter
+        handle = self.session.handle
+        if len(data) >= self._read_size and self._read_size < _LARGE_READ_SIZE:
+            self._set_read_size(_LARGE_READ_SIZE)
+        milter.receive_data(data)
         try:
-            for event in self.milter:
-                self._dispatch(event)
-                if self._closed:
-                    return
+            for event in milter:
+                own = _OWN_EVENTS.get(type(event))
+                if own is None:
+                    handle(event)
+                else:
+                    own(self, event)
+                    if self._closed:
+                        return
         except MilterProtocolError as error:
             self._abandon(f"milter protocol error: {error.reason}")
 
+    def _set_read_size(self, size: int) -> None:
+        """Read up to ``size`` bytes at a time from a socket transport.
+
+        A read that came back full means a large message is arriving: larger
+        reads then mean fewer reactor turns per megabyte; the default comes
+        back with the next message.
+        """
+        self._read_size = size
+        if isinstance(self.transport, FileDescriptor):
+            self.transport.bufferSize = size
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self._closed and self.milter.stage in _IN_MESSAGE:
-            self._log.warn(
+            self._warn(
                 "connection from MTA {peer} closed in the middle of a message (stage {stage})",
                 peer=self.peer, stage=self.milter.stage.value,
             )
@@ -147,44 +176,43 @@ class MilterProtocol(Protocol):
 
     # -- events -----------------------------------------------------------------
 
-    def _dispatch(self, event: ServerEvent) -> None:
-        assert self.transport is not None and self.session is not None
-        if isinstance(event, HttpPing):
-            self.transport.write(event.response)
-            self._close()
-        elif isinstance(event, OptionNegotiation):
-            self.transport.write(self.milter.send(negotiate(event)))
-        elif isinstance(event, EndOfMessage):
-            self._end_of_message()
-        elif isinstance(event, Quit):
-            self._cancel_scan()
-            self._close()
-        else:
-            if isinstance(event, (Abort, QuitNewConnection)):
-                self._cancel_scan()
-            self.session.handle(event)
+    def _ping(self, event: HttpPing) -> None:
+        assert self.transport is not None
+        self.transport.write(event.response)
+        self._close()
 
-    def _end_of_message(self) -> None:
+    def _negotiate(self, event: OptionNegotiation) -> None:
+        write_now(self.transport, self.milter.send(negotiate(event)))
+
+    def _quit(self, event: Quit) -> None:
+        self._cancel_scan()
+        self._close()
+
+    def _abort(self, event: Abort | QuitNewConnection) -> None:
+        assert self.session is not None
+        self._cancel_scan()
+        self.session.handle(event)
+
+    def _end_of_message(self, event: EndOfMessage) -> None:
         assert self.session is not None
         session = self.session
-        self._started = self.factory.clock.seconds()
-        self._log = tagged_logger(
-            (session.queue_id or b"").decode("utf-8", "replace") or self.tag
-        )
-        if self.factory.whitelisted(session.ip):
+        factory = self.factory
+        self._started = factory.clock.seconds()
+        self._log_tag = (session.queue_id or b"").decode("utf-8", "replace") or self.tag
+        if factory.whitelisted(session.ip):
             self._answer([Accept()], f"accept (whitelisted {session.ip})")
             return
         if session.message.oversize:
             failure = ScanFailure(
                 FailureClass.OVERSIZE, 413,
                 f"message of {session.message.size} bytes exceeds max_message "
-                f"{self.factory.options.max_message}",
+                f"{factory.options.max_message}",
             )
             self._failed(failure)
             return
-        request = session.scan_request(self.tag, self.factory.options.client_ca_name)
+        request = session.scan_request(self.tag, factory.options.client_ca_name)
         headers = session.received_headers()
-        scan = maybeDeferred(self.factory.scanner.scan, request)
+        scan = maybeDeferred(factory.scanner.scan, request)
         self._arm_progress()
         done: Deferred[None] = scan.addCallbacks(
             self._scanned, self._scan_failed, callbackArgs=(headers,)
@@ -219,13 +247,13 @@ class MilterProtocol(Protocol):
         if isinstance(failure.value, ScanFailure):
             self._failed(failure.value)
         else:
-            self._log.failure("scanner failed unexpectedly", failure)
+            _log.failure("scanner failed unexpectedly", failure, log_tag=self._log_tag)
             self._failed(ScanFailure(FailureClass.BAD_REPLY, 500, "Internal error"))
 
     def _internal_error(self, failure: Failure) -> None:
         """Answering went wrong here: log it and close rather than leave the MTA waiting."""
         self._scan = None
-        self._log.failure("answering a scan failed", failure)
+        _log.failure("answering a scan failed", failure, log_tag=self._log_tag)
         self._abandon("internal error while answering the scan")
 
     def _failed(self, failure: ScanFailure) -> None:
@@ -234,22 +262,30 @@ class MilterProtocol(Protocol):
         self._answer(replies, f"scan failed ({failure}), policy {action.value}", warn=True)
 
     def _answer(self, replies: list[Response], outcome: str, warn: bool = False) -> None:
-        """Write the end-of-message replies, log the outcome, start the next message."""
+        """Write the end-of-message replies at once, log the outcome, start the next message."""
         assert self.transport is not None and self.session is not None
-        payload = b"".join(self.milter.send(reply) for reply in replies)
-        write_now(self.transport, payload)
-        emit = self._log.warn if warn else self._log.info
-        emit(
+        session = self.session
+        send = self.milter.send
+        write_now(self.transport, b"".join([send(reply) for reply in replies]))
+        _log.emit(
+            LogLevel.warn if warn else LogLevel.info,
             "milter {peer} from {sender} ({size} bytes): {outcome}, replies {codes}, {duration:.3f}s",
+            log_tag=self._log_tag,
             peer=self.peer,
-            sender=(self.session.sender or b"-").decode("utf-8", "replace"),
-            size=self.session.message.size,
+            sender=(session.sender or b"-").decode("utf-8", "replace"),
+            size=session.message.size,
             outcome=outcome,
-            codes="".join(type(r).code.decode("latin-1") for r in replies),
+            codes=b"".join([reply.code for reply in replies]).decode("latin-1"),
             duration=self.factory.clock.seconds() - self._started,
         )
-        self.session.reset_message()
-        self._log = tagged_logger(self.tag)
+        session.reset_message()
+        self._log_tag = self.tag
+        if self._read_size != _READ_SIZE:
+            self._set_read_size(_READ_SIZE)
+
+    def _warn(self, format: str, **kwargs: object) -> None:
+        """Log a warning tagged as this connection's lines are."""
+        _log.warn(format, log_tag=self._log_tag, **kwargs)
 
     # -- progress ---------------------------------------------------------------
 
@@ -280,7 +316,7 @@ class MilterProtocol(Protocol):
 
     def _abandon(self, why: str) -> None:
         """Close without a reply after a protocol problem."""
-        self._log.warn("closing milter connection from {peer}: {why}", peer=self.peer, why=why)
+        self._warn("closing milter connection from {peer}: {why}", peer=self.peer, why=why)
         self._cancel_scan()
         self._close()
 
@@ -288,6 +324,17 @@ class MilterProtocol(Protocol):
         self._closed = True
         if self.transport is not None:
             self.transport.loseConnection()
+
+
+#: The events the listener acts on itself; the session handles the others.
+_OWN_EVENTS: dict[type, Callable[[MilterProtocol, Any], None]] = {
+    HttpPing: MilterProtocol._ping,
+    OptionNegotiation: MilterProtocol._negotiate,
+    EndOfMessage: MilterProtocol._end_of_message,
+    Quit: MilterProtocol._quit,
+    Abort: MilterProtocol._abort,
+    QuitNewConnection: MilterProtocol._abort,
+}
 
 
 class MilterFactory(ServerFactory):

@@ -186,12 +186,20 @@ def parse_reply(reply: ScanReply) -> ParsedReply:
         if 0 <= offset < len(body):
             body, new_body = body[:offset], body[offset:]
     try:
-        parsed = json.loads(body, object_pairs_hook=_JsonObject)
+        parsed = json.loads(body, object_pairs_hook=_json_object)
     except (ValueError, RecursionError) as exc:
         return ParsedReply(None, error=f"cannot parse the result: {exc}")
     if not isinstance(parsed, dict):
         return ParsedReply(None, error="the result is not an object")
     return ParsedReply(parsed, new_body)
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object: a plain dict, or a :class:`_JsonObject` when a key repeats."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    return _JsonObject(pairs)
 
 
 class _JsonObject(dict[str, Any]):

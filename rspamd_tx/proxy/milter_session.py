@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import ipaddress
 import tempfile
-from collections.abc import Iterable
-from typing import IO
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+from typing import IO, Any
 
 from rspamd_tx.protocols.milter_events import (
     FAMILY_INET,
@@ -33,7 +34,6 @@ from rspamd_tx.protocols.milter_events import (
     FAMILY_UNIX,
     Abort,
     BodyChunk,
-    Command,
     Connect,
     EndOfHeaders,
     Header,
@@ -42,6 +42,7 @@ from rspamd_tx.protocols.milter_events import (
     MailFrom,
     QuitNewConnection,
     RcptTo,
+    ServerEvent,
     parse_ip,
 )
 from rspamd_tx.proxy.milter_reply import ConnectionFlags, ReceivedHeaders
@@ -56,11 +57,35 @@ FLAGS = b"milter,body_block"
 
 _UNKNOWN = b"unknown"
 
+#: Macros (lower case, first defined wins) sent as Rspamd protocol headers, in order.
+_QUEUE_ID = (b"{i}", b"i")
+_MACRO_HEADERS: tuple[tuple[bytes, tuple[bytes, ...]], ...] = (
+    (b"Queue-ID", _QUEUE_ID),
+    (b"User-Agent", (b"{v}", b"v")),
+    (b"TLS-Cipher", (b"{cipher}",)),
+    (b"TLS-Version", (b"{tls_version}",)),
+    (b"User", (b"{auth_authen}",)),
+    (b"Mailer", (b"{rcpt_mailer}",)),
+)
+_MTA_NAME = (b"{daemon_name}", b"{j}", b"j")
+
+
+@lru_cache(maxsize=1024)
+def _client_ip(
+    family: str, address: bytes
+) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, bytes]:
+    """The client IP of a ``C`` address and its text before ``:port`` in the ``IP``
+    header (IPv6 in brackets).  Cached: an MTA's clients come back."""
+    ip = parse_ip(family, address)
+    host = str(ip).encode("ascii")
+    return ip, host if ip.version == 4 else b"[" + host + b"]"
+
 
 class MessageBuffer:
     """The reconstructed message, bounded and spilled to disk past a threshold.
 
-    Bytes are kept in memory up to ``spill_threshold``; the first append that
+    Bytes are kept in memory up to ``spill_threshold``, as the pieces that
+    were appended (joined once, by :meth:`getvalue`); the first append that
     would pass it moves everything to an anonymous temporary file (in
     ``spill_dir``, default the system's).  Past ``max_size`` nothing more is
     stored: :attr:`oversize` turns true and :attr:`size` keeps counting.
@@ -78,7 +103,7 @@ class MessageBuffer:
         self.spill_dir = spill_dir
         self.size = 0
         self.oversize = False
-        self._memory = bytearray()
+        self._parts: list[bytes] = []
         self._file: IO[bytes] | None = None
 
     @property
@@ -95,19 +120,28 @@ class MessageBuffer:
             self.oversize = True
             self._drop()
             return
-        if self._file is None and self.size > self.spill_threshold:
-            self._file = tempfile.TemporaryFile(dir=self.spill_dir)
-            self._file.write(self._memory)
-            self._memory = bytearray()
         if self._file is not None:
             self._file.write(data)
-        else:
-            self._memory += data
+            return
+        self._parts.append(data)
+        if self.size > self.spill_threshold:
+            self._file = tempfile.TemporaryFile(dir=self.spill_dir)
+            self._file.writelines(self._parts)
+            self._parts = []
 
     def getvalue(self) -> bytes:
-        """The stored message (at most ``max_size`` bytes); empty once oversize."""
+        """The stored message (at most ``max_size`` bytes); empty once oversize.
+
+        In memory the pieces are joined on the first call and kept joined,
+        so the message is copied once and held once.
+        """
         if self._file is None:
-            return bytes(self._memory)
+            parts = self._parts
+            if len(parts) == 1:
+                return parts[0]
+            value = b"".join(parts)
+            self._parts = [value] if value else []
+            return value
         self._file.seek(0)
         data = self._file.read()
         self._file.seek(0, 2)
@@ -120,7 +154,7 @@ class MessageBuffer:
         self.oversize = False
 
     def _drop(self) -> None:
-        self._memory = bytearray()
+        self._parts = []
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -173,40 +207,48 @@ class MilterSession:
 
     # -- commands ---------------------------------------------------------------
 
-    def handle(self, command: Command) -> None:
+    def handle(self, command: ServerEvent) -> None:
         """Apply the effect of one MTA command on the session.
 
-        ``O``, ``E`` and ``Q`` leave the state alone (the listener acts on them);
-        ``T`` and ``U`` are ignored, as Rspamd does.
+        ``O``, ``E`` and ``Q`` (and the HTTP ping) leave the state alone (the
+        listener acts on them); ``T`` and ``U`` are ignored, as Rspamd does.
         """
-        if isinstance(command, Macro):
-            for name, value in command.macros:
-                self._macros[name.lower()] = value
-        elif isinstance(command, Connect):
-            self._connect(command)
-        elif isinstance(command, Helo):
-            self.helo = command.name
-        elif isinstance(command, MailFrom):
-            self.sender = command.address
-            self.sender_args = command.esmtp_args
-        elif isinstance(command, RcptTo):
-            if command.address:
-                self.recipients.append((command.address, command.esmtp_args))
-        elif isinstance(command, Header):
-            self._header(command)
-        elif isinstance(command, EndOfHeaders):
-            self.message.append(b"\r\n")
-        elif isinstance(command, BodyChunk):
-            self.message.append(command.data)
-        elif isinstance(command, Abort):
-            self.reset_message()
-        elif isinstance(command, QuitNewConnection):
-            self.reset_message()
-            self.hostname = b""
-            self.family = None
-            self.address = None
-            self.ip = None
-            self._macros.clear()
+        handler = _HANDLERS.get(type(command))
+        if handler is not None:
+            handler(self, command)
+
+    def _macro(self, command: Macro) -> None:
+        macros = self._macros
+        for name, value in command.macros:
+            macros[name.lower()] = value
+
+    def _helo(self, command: Helo) -> None:
+        self.helo = command.name
+
+    def _mail_from(self, command: MailFrom) -> None:
+        self.sender = command.address
+        self.sender_args = command.esmtp_args
+
+    def _rcpt_to(self, command: RcptTo) -> None:
+        if command.address:
+            self.recipients.append((command.address, command.esmtp_args))
+
+    def _end_of_headers(self, command: EndOfHeaders) -> None:
+        self.message.append(b"\r\n")
+
+    def _body_chunk(self, command: BodyChunk) -> None:
+        self.message.append(command.data)
+
+    def _abort(self, command: Abort) -> None:
+        self.reset_message()
+
+    def _quit_new_connection(self, command: QuitNewConnection) -> None:
+        self.reset_message()
+        self.hostname = b""
+        self.family = None
+        self.address = None
+        self.ip = None
+        self._macros.clear()
 
     def _connect(self, command: Connect) -> None:
         self.hostname = command.hostname
@@ -218,18 +260,16 @@ class MilterSession:
         if command.family == FAMILY_UNIX:
             self.address = command.address
         elif command.family in (FAMILY_INET, FAMILY_INET6):
-            self.ip = parse_ip(command.family, command.address)
-            port = command.port or 0
-            if self.ip.version == 4:
-                self.address = f"{self.ip}:{port}".encode("ascii")
-            else:
-                self.address = f"[{self.ip}]:{port}".encode("ascii")
+            self.ip, host = _client_ip(command.family, command.address)
+            self.address = b"%s:%d" % (host, command.port or 0)
 
     def _header(self, command: Header) -> None:
-        folded = command.name.lower()
-        self._occurrences[folded] = self._occurrences.get(folded, 0) + 1
+        name = command.name
+        folded = name.lower()
+        occurrences = self._occurrences
+        occurrences[folded] = occurrences.get(folded, 0) + 1
         self._header_count += 1
-        self.message.append(command.name + b": " + command.value + b"\r\n")
+        self.message.append(name + b": " + command.value + b"\r\n")
 
     def reset_message(self) -> None:
         """Forget the current message (as ``A`` does); connection data stays."""
@@ -257,7 +297,7 @@ class MilterSession:
     @property
     def queue_id(self) -> bytes | None:
         """The MTA's queue id (``{i}``, then ``i``)."""
-        return self.macro(b"{i}", b"i")
+        return self._first_macro(_QUEUE_ID)
 
     def received_headers(self) -> ReceivedHeaders:
         """The header occurrences and counter of the current message."""
@@ -293,31 +333,34 @@ class MilterSession:
         return headers
 
     def _macro_headers(self, client_ca_name: str | None) -> Iterable[tuple[bytes, bytes]]:
-        for header, names in (
-            (b"Queue-ID", (b"{i}", b"i")),
-            (b"User-Agent", (b"{v}", b"v")),
-            (b"TLS-Cipher", (b"{cipher}",)),
-            (b"TLS-Version", (b"{tls_version}",)),
-            (b"User", (b"{auth_authen}",)),
-            (b"Mailer", (b"{rcpt_mailer}",)),
-        ):
-            value = self.macro(*names)
+        first = self._first_macro
+        for header, names in _MACRO_HEADERS:
+            value = first(names)
             if value is not None:
                 yield header, value
-        issuer = self.macro(b"{cert_issuer}")
+        issuer = first((b"{cert_issuer}",))
         if issuer is not None:
             yield b"TLS-Cert-Issuer", issuer
             if client_ca_name is not None and issuer == client_ca_name.encode("utf-8"):
-                subject = self.macro(b"{cert_subject}")
+                subject = first((b"{cert_subject}",))
                 if subject is not None:
                     yield b"User", subject
         if not self.hostname:
-            client_name = self.macro(b"{client_name}")
+            client_name = first((b"{client_name}",))
             if client_name is not None and client_name != _UNKNOWN:
                 yield b"Hostname", client_name
-        mta_name = self.macro(b"{daemon_name}", b"{j}", b"j")
+        mta_name = first(_MTA_NAME)
         if mta_name is not None:
             yield b"MTA-Name", mta_name
+
+    def _first_macro(self, names: tuple[bytes, ...]) -> bytes | None:
+        """As :meth:`macro` for names already in lower case."""
+        macros = self._macros
+        for name in names:
+            value = macros.get(name)
+            if value is not None:
+                return value
+        return None
 
     def scan_request(self, log_tag: str, client_ca_name: str | None = None) -> ScanRequest:
         """The scan of the current message (``POST /checkv2``, default upstream).
@@ -335,3 +378,18 @@ class MilterSession:
             log_tag=log_tag,
             client_address=self.address.decode("utf-8", "replace") if self.address is not None else None,
         )
+
+
+#: The session's handler of each command kind; kinds missing here leave it alone.
+_HANDLERS: dict[type, Callable[[MilterSession, Any], None]] = {
+    Macro: MilterSession._macro,
+    Connect: MilterSession._connect,
+    Helo: MilterSession._helo,
+    MailFrom: MilterSession._mail_from,
+    RcptTo: MilterSession._rcpt_to,
+    Header: MilterSession._header,
+    EndOfHeaders: MilterSession._end_of_headers,
+    BodyChunk: MilterSession._body_chunk,
+    Abort: MilterSession._abort,
+    QuitNewConnection: MilterSession._quit_new_connection,
+}
