@@ -6,8 +6,8 @@ import hashlib
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -269,6 +269,34 @@ class RedisBackendTests(unittest.TestCase):
         self.assertEqual(result.value, 1)
 
     @inlineCallbacks
+    def test_error_reply_fails_that_lookup_only(self) -> Any:
+        """A key of the wrong type fails its lookup; the lookups around it get their answers."""
+        yield self.backend.apply([add(1, value=4), add(3, value=6)])
+        yield self.raw.execute_command("SET", b"fuzzy" + digest(2), "not a hash")
+        results = yield DeferredList([self.backend.check(digest(n), None) for n in (1, 2, 3)],
+                                     consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results], [True, False, True])
+        self.assertTrue(results[1][1].check(BackendUnavailable))
+        self.assertEqual((results[0][1].value, results[2][1].value), (4, 6))
+
+    @inlineCallbacks
+    def test_batches_and_lookups_interleaved(self) -> Any:
+        """Batches sent while lookups are under way are stored; every lookup gets its answer."""
+        yield self.backend.apply([add(n, value=n) for n in range(1, 21)])
+        pending = []
+        for n in range(1, 21):
+            pending.append(self.backend.check(digest(n), shingles(n)))
+            if n % 5 == 0:
+                pending.append(self.backend.apply([add(n + 100, with_shingles=True)]))
+        results = yield gatherResults(pending)
+        lookups = [result for result in results if not isinstance(result, int)]
+        self.assertEqual([result.value for result in lookups], list(range(1, 21)))
+        self.assertEqual([result for result in results if isinstance(result, int)],
+                         [2, 3, 4, 5])
+        stored = yield self.backend.check(digest(200), shingles(120))
+        self.assertEqual((stored.digest, stored.prob), (digest(120), 31 / 32))
+
+    @inlineCallbacks
     def test_read_only_without_write_servers(self) -> Any:
         """read_servers alone make a read-only backend: apply fails, check works."""
         yield self.backend.apply([add(1)])
@@ -276,6 +304,47 @@ class RedisBackendTests(unittest.TestCase):
         yield self.assertFailure(backend.apply([add(2)]), BackendUnavailable)
         result = yield backend.check(digest(1), None)
         self.assertEqual(result.value, 1)
+
+
+class _Silent(Protocol):
+    """A server that accepts connections and never answers."""
+
+
+class UnresponsiveServerTests(unittest.TestCase):
+    """A server that accepts the connection but never replies: calls fail on the timeout."""
+
+    timeout_s = 0.2
+
+    def setUp(self) -> None:
+        port = reactor.listenTCP(0, Factory.forProtocol(_Silent), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.backend = RedisFuzzyBackend(reactor=reactor, clock=reactor,
+                                         servers=f"127.0.0.1:{port.getHost().port}",
+                                         timeout=self.timeout_s)
+
+    @inlineCallbacks
+    def assert_times_out(self, call: Deferred[Any]) -> Any:
+        started = reactor.seconds()
+        yield self.assertFailure(call, BackendUnavailable)
+        elapsed = reactor.seconds() - started
+        self.assertTrue(self.timeout_s * 0.99 <= elapsed < self.timeout_s * 1.25 + 0.2, elapsed)
+
+    @inlineCallbacks
+    def test_check_and_apply_time_out(self) -> Any:
+        """Lookups and batches fail with BackendUnavailable within the timeout (+1/4)."""
+        yield self.assert_times_out(self.backend.check(digest(1), shingles(1)))
+        yield self.assert_times_out(self.backend.apply([add(1)]))
+        yield self.assert_times_out(self.backend.count())
+        yield self.backend.close()
+
+    @inlineCallbacks
+    def test_close_fails_calls_under_way(self) -> Any:
+        """close() fails the calls still waiting for a reply at once."""
+        yield self.assert_times_out(self.backend.check(digest(1), None))
+        pending = self.backend.check(digest(1), None)
+        closing = self.backend.close()
+        yield self.assertFailure(pending, BackendUnavailable)
+        yield closing
 
 
 class ReplicaTests(unittest.TestCase):

@@ -16,12 +16,17 @@ Each batch is one ``MULTI`` … ``EXEC`` on a write server ending with
 round-robin over the read servers, writes to the alive write server with the
 highest priority (``master-slave``).
 
-Every Redis call is bounded by ``timeout`` (``Deferred.addTimeout`` on the
-injected clock): txredisapi itself would wait for a reconnection forever. A
-server whose call failed is skipped, without waiting, until its connection
-is re-established; when no server is usable :meth:`RedisFuzzyBackend.check`
-and :meth:`RedisFuzzyBackend.apply` fail at once with
-:class:`~rspamd_tx.fuzzy.backend.BackendUnavailable`.
+Commands go out pre-encoded through :mod:`rspamd_tx.fuzzy.redis_pipeline`
+(txredisapi keeps the connections): a lookup is one ``HMGET`` built from
+fixed bytes and the digest, a batch one write of the whole transaction, each
+with one Deferred. Every Redis call is bounded by ``timeout``: one timer of
+the backend (:class:`~rspamd_tx.fuzzy.redis_pipeline.CallTimeouts`, on the
+injected clock) fails the calls unanswered for ``timeout`` to 1.25 ×
+``timeout`` seconds, as txredisapi itself would wait for a reconnection
+forever. A server whose call failed is skipped, without waiting, until its
+connection is re-established; when no server is usable
+:meth:`RedisFuzzyBackend.check` and :meth:`RedisFuzzyBackend.apply` fail at
+once with :class:`~rspamd_tx.fuzzy.backend.BackendUnavailable`.
 
 Listing the stored hashes (:meth:`RedisFuzzyBackend.scan`, for a full
 replication resync) has no ordered index to use: Redis can only ``SCAN`` its
@@ -44,18 +49,15 @@ by this module only, which the tap imports lazily.
 from __future__ import annotations
 
 import bisect
-import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import txredisapi
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    FirstError,
-    TimeoutError as DeferredTimeoutError,
     fail,
     gatherResults,
     inlineCallbacks,
@@ -81,6 +83,12 @@ from rspamd_tx.fuzzy.backend import (
     Update,
     UpdateKind,
     vote_shingles,
+)
+from rspamd_tx.fuzzy.redis_pipeline import (
+    CallTimeouts,
+    PendingCall,
+    PipelineProtocol,
+    encode_command,
 )
 from rspamd_tx.fuzzy.replication import IHashScanner
 from rspamd_tx.upstreams.hosts import EntryKind, Strategy, UpstreamList, parse_upstreams
@@ -108,8 +116,11 @@ _REDIS_ERRORS = (
     txredisapi.RedisError,
     ConnectionError,
     CancelledError,
-    DeferredTimeoutError,
 )
+_MULTI = encode_command((b"MULTI",))
+_EXEC = encode_command((b"EXEC",))
+_HMGET_TAIL = b"\r\n$1\r\nV\r\n$1\r\nF\r\n$1\r\nC\r\n"
+"""What follows the key in ``HMGET <key> V F C``."""
 
 
 def parse_servers(value: str | Sequence[str], default_strategy: Strategy) -> UpstreamList:
@@ -168,8 +179,32 @@ def _fetched(row: Any, digest: bytes, prob: float) -> CheckResult | None:
                        timestamp=int(created) if created is not None else 0, digest=digest)
 
 
-def _found_or_miss(found: CheckResult | None) -> CheckResult:
+def _fetched_or_miss(row: Any, digest: bytes, prob: float) -> CheckResult:
+    """The result of one ``HMGET V F C`` reply, :data:`MISS` when ``V`` or ``F`` is absent."""
+    found = _fetched(row, digest, prob)
     return found if found is not None else MISS
+
+
+def _exact_or_miss(row: Any, server: _RedisServer, digest: bytes) -> CheckResult:
+    """The exact lookup's result from ``server``'s ``HMGET`` reply, which answered."""
+    server.failed = False
+    found = _fetched(row, digest, 1.0)
+    return found if found is not None else MISS
+
+
+def _succeeded(result: Any, server: _RedisServer) -> Any:
+    server.failed = False
+    return result
+
+
+def _failed(failure: Failure, server: _RedisServer) -> Failure:
+    """A Redis error of ``server`` as BackendUnavailable (marking the server failed)."""
+    if failure.check(*_REDIS_ERRORS):
+        server.failed = True
+        log.warn("Redis {server}: {error}", server=server.name,
+                 error=failure.getErrorMessage() or getattr(failure.type, "__name__", "error"))
+        return Failure(BackendUnavailable(f"Redis {server.name}: {failure.getErrorMessage()}"))
+    return failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,23 +225,18 @@ class _RedisServer:
 
     def __init__(self, host: str, port: int, *, reactor: IReactorTCP, db: int | None,
                  password: str | None, username: str | None, timeout: float,
-                 pool_size: int) -> None:
+                 pool_size: int, timeouts: CallTimeouts) -> None:
         self.name = f"{host}:{port}"
         self.failed = False
         self._factory = txredisapi.RedisFactory(
             self.name, db, pool_size, isLazy=True, charset=None, password=password,
             convertNumbers=False, username=username,
         )
+        self._factory.protocol = PipelineProtocol
         self._factory.maxDelay = RECONNECT_MAX_DELAY
         self._endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
         self._connecting = False
-        self._handler: Any = self._factory.handler
-
-    @property
-    def handler(self) -> Any:
-        """The txredisapi connection handler; connecting starts on first access."""
-        self.connect()
-        return self._handler
+        self._timeouts = timeouts
 
     def connect(self) -> None:
         """Start (re)connecting the pool, once."""
@@ -214,22 +244,39 @@ class _RedisServer:
             self._connecting = True
             self._factory.startConnecting(self._endpoint)
 
-    def execute(self, *args: Any) -> Deferred[Any]:
-        """Send one command on a connection of the pool; fire with its reply.
+    def call(self, payload: bytes, replies: int, *, bulk: bool = False) -> Deferred[Any]:
+        """Send the pre-encoded ``payload`` (``replies`` replies) on a connection of the pool.
 
-        An idle connected connection is used directly (as txredisapi's own
-        ``peek`` would pick it); without one the command goes through the
-        handler, which waits for a connection.
+        Fires with the last reply; fails with the first error reply, or a
+        ``txredisapi`` ``ConnectionError`` (``TimeoutError`` when nothing
+        answered within the backend's timeout).
+
+        The pool's connections are shared, none is taken out: lookups go on
+        the first connected connection, so that the lookups of one reactor
+        turn leave in one write and their replies come back in one read;
+        ``bulk`` calls (batches) on the last one, so that with two or more
+        connections Redis reads lookups while it receives a batch. Without a
+        connected connection the call waits for one (starting to connect if
+        needed).
         """
+        call = PendingCall(replies)
+        self._timeouts.track(call)
+        if call.deferred.called:
+            return call.deferred
         if self._connecting:
             idle = self._factory.connectionQueue.pending
-            if idle:
-                connection = idle[0] if len(idle) == 1 else random.choice(idle)
+            while idle:
+                connection = idle[-1] if bulk else idle[0]
                 if connection.connected:
-                    result: Deferred[Any] = connection.execute_command(*args)
-                    return result
-        handled: Deferred[Any] = self.handler.execute_command(*args)
-        return handled
+                    connection.send(payload, call)
+                    return call.deferred
+                # lost: txredisapi's getConnection would drop it from the queue as well
+                idle.remove(connection)
+        else:
+            self.connect()
+        waiting: Deferred[Any] = self._factory.getConnection(peek=True)
+        waiting.addCallbacks(_send_when_connected, call.fail, callbackArgs=(payload, call))
+        return call.deferred
 
     @property
     def usable(self) -> bool:
@@ -242,6 +289,15 @@ class _RedisServer:
             return succeed(None)
         closed: Deferred[Any] = self._factory.disconnect()
         return closed
+
+
+def _send_when_connected(connection: PipelineProtocol, payload: bytes, call: PendingCall) -> None:
+    """Send a call that waited for a connection, unless it has failed meanwhile."""
+    if not call.deferred.called:
+        try:
+            connection.send(payload, call)
+        except txredisapi.ConnectionError as error:
+            call.fail(error)
 
 
 class _ServerGroup:
@@ -307,6 +363,9 @@ class RedisFuzzyBackend:
         self.lifetime = float(lifetime)
         self.timeout = float(timeout)
         self._clock = clock
+        self._timeouts = CallTimeouts(clock, self.timeout)
+        self._hmget_head = b"*5\r\n$5\r\nHMGET\r\n$%d\r\n%s" % (
+            len(self.prefix) + DIGEST_SIZE, self.prefix)
         self._servers: dict[tuple[str, int], _RedisServer] = {}
         self._listing: _DigestListing | None = None
         self._listing_generation = 0
@@ -324,6 +383,7 @@ class RedisFuzzyBackend:
                     self._servers[key] = _RedisServer(
                         entry.host, entry.port, reactor=reactor, db=db, password=password,
                         username=username, timeout=self.timeout, pool_size=pool_size,
+                        timeouts=self._timeouts,
                     )
                 members.append((self._servers[key], entry.weight_or_priority))
             return _ServerGroup(members, parsed.strategy)
@@ -348,39 +408,30 @@ class RedisFuzzyBackend:
     def _ttl(self) -> int:
         return int(self.lifetime)
 
-    def _call(self, server: _RedisServer, deferred: Deferred[Any]) -> Deferred[Any]:
-        """Bound ``deferred`` by the timeout; errors become BackendUnavailable."""
-        deferred.addTimeout(self.timeout, self._clock)
+    def _call(self, server: _RedisServer, payload: bytes, replies: int, *,
+              bulk: bool = False) -> Deferred[Any]:
+        """:meth:`_RedisServer.call`; errors become BackendUnavailable."""
+        return server.call(payload, replies, bulk=bulk).addCallbacks(
+            _succeeded, _failed, callbackArgs=(server,), errbackArgs=(server,))
 
-        def succeeded(result: Any) -> Any:
-            server.failed = False
-            return result
-
-        def failed(failure: Failure) -> Failure:
-            while failure.check(FirstError):
-                failure = cast(FirstError, failure.value).subFailure
-            if failure.check(*_REDIS_ERRORS):
-                server.failed = True
-                log.warn("Redis {server}: {error}", server=server.name,
-                         error=failure.getErrorMessage() or getattr(failure.type, "__name__", "error"))
-                return Failure(BackendUnavailable(f"Redis {server.name}: "
-                                                  f"{failure.getErrorMessage()}"))
-            return failure
-
-        return deferred.addCallbacks(succeeded, failed)
-
-    def _command(self, group: _ServerGroup, *args: Any) -> Deferred[Any]:
+    def _send(self, group: _ServerGroup, payload: bytes, replies: int = 1) -> Deferred[Any]:
+        """:meth:`_call` on the server ``group`` picks; BackendUnavailable when there is none."""
         server = group.pick()
         if server is None:
             return fail(BackendUnavailable("no Redis server is available"))
-        return self._command_on(server, *args)
+        return self._call(server, payload, replies)
+
+    def _command(self, group: _ServerGroup, *args: Any) -> Deferred[Any]:
+        return self._send(group, encode_command(args))
 
     def _command_on(self, server: _RedisServer, *args: Any) -> Deferred[Any]:
-        try:
-            deferred = server.execute(*args)
-        except _REDIS_ERRORS as error:
-            deferred = fail(error)
-        return self._call(server, deferred)
+        return self._call(server, encode_command(args), 1)
+
+    def _hmget(self, digest: bytes) -> bytes:
+        """The encoded ``HMGET <prefix><digest> V F C``."""
+        if len(digest) == DIGEST_SIZE:
+            return self._hmget_head + digest + _HMGET_TAIL
+        return encode_command((b"HMGET", self.prefix + digest, b"V", b"F", b"C"))
 
     # -- reads --------------------------------------------------------------
 
@@ -388,20 +439,28 @@ class RedisFuzzyBackend:
         """``HMGET <prefix>D V F C``; else ``MGET`` of the 32 slot keys and the vote.
 
         Fires with a :class:`CheckResult` (:data:`MISS` when nothing matches);
-        fails with :class:`BackendUnavailable` within ``timeout`` when Redis
-        cannot answer (at once when no server is usable).
+        fails with :class:`BackendUnavailable` within ``timeout`` (to 1.25 ×
+        ``timeout``) when Redis cannot answer (at once when no server is usable).
         """
-        found = self._fetch(digest, 1.0)
+        server = self._read.pick()
+        if server is None:
+            return fail(BackendUnavailable("no Redis server is available"))
+        found = server.call(self._hmget(digest), 1)
         if shingles is None:
-            return found.addCallback(_found_or_miss)
-        return found.addCallback(self._vote_if_missing, shingles)
+            return found.addCallbacks(_exact_or_miss, _failed,
+                                      callbackArgs=(server, digest), errbackArgs=(server,))
+        return found.addCallbacks(self._exact_or_vote, _failed,
+                                  callbackArgs=(server, digest, shingles),
+                                  errbackArgs=(server,))
 
-    def _vote_if_missing(self, found: CheckResult | None,
-                         shingles: Shingles) -> CheckResult | Deferred[CheckResult]:
+    def _exact_or_vote(self, row: Any, server: _RedisServer, digest: bytes,
+                       shingles: Shingles) -> CheckResult | Deferred[CheckResult]:
+        server.failed = False
+        found = _fetched(row, digest, 1.0)
         if found is not None:
             return found
         owners = self._command(
-            self._read, "MGET",
+            self._read, b"MGET",
             *[shingle_key(self.prefix, number, value) for number, value in enumerate(shingles)],
         )
         return owners.addCallback(self._voted)
@@ -412,12 +471,8 @@ class RedisFuzzyBackend:
         )
         if winner is None:
             return MISS
-        return self._fetch(winner, agreeing / SHINGLE_COUNT).addCallback(_found_or_miss)
-
-    def _fetch(self, digest: bytes, prob: float) -> Deferred[CheckResult | None]:
-        """``HMGET`` of one digest; fire with its result, ``None`` when it is not stored."""
-        d = self._command(self._read, "HMGET", self.prefix + digest, "V", "F", "C")
-        return d.addCallback(_fetched, digest, prob)
+        fetched = self._send(self._read, self._hmget(winner))
+        return fetched.addCallback(_fetched_or_miss, winner, agreeing / SHINGLE_COUNT)
 
     def count(self) -> Deferred[int]:
         """``GET <prefix>_count`` (WRITEs minus DELs; 0 when absent)."""
@@ -526,17 +581,8 @@ class RedisFuzzyBackend:
         server = self._read.pick()
         if server is None:
             raise BackendUnavailable("no Redis server is available")
-        connection = yield self._call(server, server.handler.pipeline())
-        try:
-            connection.execute_command("MULTI")
-            for digest in digests:
-                connection.execute_command("HMGET", self._key(digest), "V", "F", "C")
-            connection.execute_command("EXEC")
-            replies = yield self._call(server, connection.execute_pipeline())
-        except txredisapi.ConnectionError as error:
-            server.failed = True
-            raise BackendUnavailable(f"Redis {server.name}: {error}") from error
-        rows = replies[-1]
+        payload = b"".join([_MULTI, *map(self._hmget, digests), _EXEC])
+        rows = yield self._call(server, payload, len(digests) + 2, bulk=True)
         if not isinstance(rows, list) or len(rows) != len(digests):
             raise BackendUnavailable(f"Redis {server.name}: transaction aborted")
         updates = []
@@ -588,15 +634,8 @@ class RedisFuzzyBackend:
         if server is None:
             raise BackendUnavailable("no Redis write server is available")
         commands = self.commands(updates, source)
-        connection = yield self._call(server, server.handler.pipeline())
-        try:
-            for command in [("MULTI",), *commands, ("EXEC",)]:
-                connection.execute_command(*command)
-            replies = yield self._call(server, connection.execute_pipeline())
-        except txredisapi.ConnectionError as error:
-            server.failed = True
-            raise BackendUnavailable(f"Redis {server.name}: {error}") from error
-        executed = replies[-1]
+        payload = b"".join([_MULTI, *map(encode_command, commands), _EXEC])
+        executed = yield self._call(server, payload, len(commands) + 2, bulk=True)
         if not isinstance(executed, list) or not executed:
             raise BackendUnavailable(f"Redis {server.name}: transaction aborted")
         return int(executed[-1])
@@ -606,8 +645,12 @@ class RedisFuzzyBackend:
         return succeed(0)
 
     def close(self) -> Deferred[None]:
-        """Drop the cached digest listing, close every connection; fires when all are closed."""
+        """Drop the cached digest listing, fail the calls under way, close every connection.
+
+        Fires when all connections are closed.
+        """
         self._drop_listing()
+        self._timeouts.close(txredisapi.ConnectionError("the backend is closed"))
         d = gatherResults([server.disconnect() for server in self._servers.values()],
                           consumeErrors=True)
         return d.addCallback(lambda _: None)
