@@ -699,3 +699,70 @@ class PropertyTests(unittest.TestCase):
         except fc.FuzzyProtocolError:
             return
         self.assertLessEqual(decoder.buffered, maximum + 2)
+
+
+class FastPathTests(unittest.TestCase):
+    """The server's fast paths give exactly what the general code gives."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(commands)
+    def test_decoded_command_as_if_validated(self, command: fc.FuzzyCommand) -> None:
+        """A decoded command is a plain FuzzyCommand equal to one built field by field
+        through the validating constructor, known codes as Command members."""
+        decoded = fc.decode_request(fc.encode_request(command)).command
+        self.assertIs(type(decoded), fc.FuzzyCommand)
+        rebuilt = fc.FuzzyCommand(
+            version=decoded.version, command=decoded.command, tag=decoded.tag,
+            digest=decoded.digest, flag=decoded.flag, value=decoded.value,
+            shingles=decoded.shingles, shingles_count=decoded.shingles_count,
+            extensions=decoded.extensions)
+        self.assertEqual((decoded, hash(decoded), repr(decoded)),
+                         (rebuilt, hash(rebuilt), repr(rebuilt)))
+        self.assertIs(type(decoded.command), type(rebuilt.command))
+
+    def test_epoch_of_every_version_byte(self) -> None:
+        """decode_command answers every version byte as epoch_for_version does."""
+        for multi_flag in (False, True):
+            for version in range(256):
+                try:
+                    expected: fc.Epoch | None = fc.epoch_for_version(version, multi_flag)
+                except fc.FuzzyProtocolError:
+                    expected = None
+                try:
+                    epoch: fc.Epoch | None = fc.decode_command(header(version, 0), multi_flag)[1]
+                except fc.FuzzyProtocolError:
+                    epoch = None
+                self.assertEqual(epoch, expected, (version, multi_flag))
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.sampled_from([3, 4, 5, 0x14]), st.booleans(), st.booleans(),
+        st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([-(2**31) - 1, 2**31])),
+        st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([-1, 2**32])),
+        st.one_of(st.sampled_from([0.0, 1.0, 0.5, 27 / 32, 1e300, -1e300]),
+                  st.floats(allow_nan=False)),
+        st.one_of(st.just(DIGEST), st.binary(max_size=70)),
+        st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([-1, 2**32])),
+    )  # fmt: skip
+    def test_encode_reply_values(self, version: int, multi_flag: bool, encrypted: bool,
+                                 value: int, flag: int, prob: float, digest: bytes,
+                                 ts: int) -> None:
+        """encode_reply_values gives encode_reply's bytes, or raises as FuzzyReply does."""
+        datagram = fc.encode_request(
+            fc.FuzzyCommand(version, 0, 0xDEADBEEF, DIGEST),
+            fc.ClientEncryption(SERVER.public_key, CLIENT) if encrypted else None)
+        request = fc.decode_request(datagram, key_for_server, multi_flag=multi_flag)
+
+        def nonce(size: int) -> bytes:
+            return bytes(range(size))
+
+        try:
+            expected = fc.encode_reply(
+                request, fc.FuzzyReply(value, flag, request.command.tag, prob, digest, ts), nonce)
+        except fc.FuzzyProtocolError as error:
+            with self.assertRaises(fc.FuzzyProtocolError) as raised:
+                fc.encode_reply_values(request, value, flag, prob, digest, ts, nonce)
+            self.assertEqual(str(raised.exception), str(error))
+            return
+        self.assertEqual(fc.encode_reply_values(request, value, flag, prob, digest, ts, nonce),
+                         expected)

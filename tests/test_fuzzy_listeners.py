@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 from ipaddress import ip_address, ip_network
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.trial import unittest
 
 from rspamd_tx.config.workers import FuzzyOptions
@@ -25,6 +32,7 @@ from rspamd_tx.fuzzy.storage import FuzzyStorage
 from rspamd_tx.protocols.fuzzy_codec import (
     Command,
     FuzzyStreamDecoder,
+    FuzzyReply,
     decode_reply,
     encode_frame,
     encode_request,
@@ -32,6 +40,8 @@ from rspamd_tx.protocols.fuzzy_codec import (
 from tests.test_fuzzy_storage import DIGEST, ListQueue, MemoryBackend, command
 
 PEER = ("127.0.0.1", 40000)
+
+reactor: Any = _reactor
 
 
 class DatagramTransport:
@@ -97,6 +107,147 @@ class DatagramTests(unittest.TestCase):
         self.protocol.transport = None
         self.backend.held[0].callback(CheckResult(5, 1, 1.0, 0, DIGEST))
         self.assertEqual(self.transport.sent, [])
+
+
+class SocketTransport:
+    """A datagram transport with a ``socket``: what a listening port looks like."""
+
+    def __init__(self) -> None:
+        self.socket = FakeSocket()
+
+    def write(self, data: bytes, addr: Any) -> None:
+        raise AssertionError("the reply should go straight to the socket")
+
+
+class FakeSocket:
+    """Records ``sendto`` calls; raises ``error`` (an errno) instead when set."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+        self.error: int | None = None
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        if self.error is not None:
+            raise OSError(self.error, os.strerror(self.error))
+        self.sent.append((data, addr))
+        return len(data)
+
+
+class DirectSendTests(unittest.TestCase):
+    """Replies written straight to the port's socket."""
+
+    def setUp(self) -> None:
+        self.protocol = FuzzyDatagramProtocol(make_storage(MemoryBackend(), Clock()))
+        self.transport = SocketTransport()
+        self.protocol.transport = self.transport  # type: ignore[assignment]
+
+    def test_reply_sent_on_socket(self) -> None:
+        """The reply goes to the sender through the socket's sendto."""
+        self.protocol.datagramReceived(encode_request(command(tag=5)), PEER)
+        [(data, addr)] = self.transport.socket.sent
+        self.assertEqual((decode_reply(data).tag, addr), (5, PEER))
+
+    def test_full_buffer_dropped_with_warning(self) -> None:
+        """EAGAIN and ENOBUFS drop the reply with a warning naming the peer."""
+        for code in (errno.EAGAIN, errno.ENOBUFS):
+            self.transport.socket.error = code
+            with capturedLogs() as logged:
+                self.protocol.datagramReceived(encode_request(command()), PEER)
+            [event] = logged
+            self.assertEqual((event["log_level"].name, event["peer"], event["error"].errno),
+                             ("warn", PEER, code))
+        self.assertEqual(self.transport.socket.sent, [])
+
+    def test_refused_dropped_silently(self) -> None:
+        """ECONNREFUSED (an earlier reply's ICMP error) drops the reply without a log."""
+        self.transport.socket.error = errno.ECONNREFUSED
+        with capturedLogs() as logged:
+            self.protocol.datagramReceived(encode_request(command()), PEER)
+        self.assertEqual(logged, [])
+
+    def test_late_reply_on_socket(self) -> None:
+        """A reply from an asynchronous lookup also goes to the socket."""
+        backend = MemoryBackend()
+        backend.hold = True
+        self.protocol.storage = make_storage(backend, Clock())
+        self.protocol.datagramReceived(encode_request(command()), PEER)
+        self.assertEqual(self.transport.socket.sent, [])
+        backend.held[0].callback(CheckResult(5, 1, 1.0, 0, DIGEST))
+        self.assertEqual(decode_reply(self.transport.socket.sent[0][0]).value, 5)
+
+
+class _Client(DatagramProtocol):
+    """Sends one datagram and fires ``reply`` with the decoded answer."""
+
+    def __init__(self, datagram: bytes, server: Any) -> None:
+        self.datagram = datagram
+        self.server = server
+        self.reply: Deferred[FuzzyReply] = Deferred()
+
+    def startProtocol(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.datagram, self.server)
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.reply.callback(decode_reply(datagram))
+
+
+class ListeningPortTests(unittest.TestCase):
+    """Round trips through real ports of every kind the storage listens on; the
+    replies go out through the port's socket."""
+
+    def setUp(self) -> None:
+        self.protocol = FuzzyDatagramProtocol(make_storage(MemoryBackend(), Clock()))
+
+    @inlineCallbacks
+    def round_trip(self, listen: Any, connect: Any) -> Any:
+        port = listen(self.protocol)
+        self.addCleanup(port.stopListening)
+        port.write = self.fail  # replies must not take the port's checked write()
+        client = _Client(encode_request(command(tag=31)), port.getHost())
+        client_port = connect(client)
+        self.addCleanup(client_port.stopListening)
+        reply = yield client.reply
+        self.assertEqual(reply.tag, 31)
+
+    def _udp(self, host: str) -> Any:
+        def listen(protocol: DatagramProtocol) -> Any:
+            return reactor.listenUDP(0, protocol, interface=host)
+
+        def connect(client: _Client) -> Any:
+            client.server = (host, client.server.port)
+            return reactor.listenUDP(0, client, interface=host)
+
+        return self.round_trip(listen, connect)
+
+    def test_udp_ipv4(self) -> Any:
+        """An IPv4 UDP port answers."""
+        return self._udp("127.0.0.1")
+
+    def test_udp_ipv6(self) -> Any:
+        """An IPv6 UDP port answers."""
+        try:
+            probe = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            probe.bind(("::1", 0))
+            probe.close()
+        except OSError:
+            raise unittest.SkipTest("no IPv6 loopback")
+        return self._udp("::1")
+
+    def test_unix_datagram(self) -> Any:
+        """A unix datagram port answers a client bound to its own path."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        server_path = os.path.join(directory, "fuzzy.sock")
+
+        def listen(protocol: DatagramProtocol) -> Any:
+            return reactor.listenUNIXDatagram(server_path, protocol)
+
+        def connect(client: _Client) -> Any:
+            client.server = server_path
+            return reactor.listenUNIXDatagram(os.path.join(directory, "client.sock"), client)
+
+        return self.round_trip(listen, connect)
 
 
 class StreamTests(unittest.TestCase):

@@ -16,6 +16,7 @@ from rspamd_tx.fuzzy.backend import (
     MISS,
     BackendUnavailable,
     IFuzzyBackend,
+    IImmediateFuzzyBackend,
     Update,
     UpdateKind,
 )
@@ -60,8 +61,34 @@ class SqliteBackendTests(unittest.TestCase):
         return backend
 
     def test_provides_interface(self) -> None:
-        """The backend provides IFuzzyBackend."""
+        """The backend provides IFuzzyBackend, and IImmediateFuzzyBackend too."""
         self.assertTrue(verifyObject(IFuzzyBackend, self.backend))
+        self.assertTrue(verifyObject(IImmediateFuzzyBackend, self.backend))
+
+    @inlineCallbacks
+    def test_check_now_answers_as_check(self) -> Any:
+        """check_now returns what check fires with: exact and shingle hits, misses, and
+        expired hashes (misses)."""
+        yield self.backend.apply([add(1, flag=3, value=7), add(2, with_shingles=True)])
+        self.clock.advance(DAY)
+        yield self.backend.apply([add(3)])
+        lookups = ((digest(1), None), (digest(9), shingles(2)), (digest(9), None),
+                   (digest(3), None))
+        seen = []
+        for _ in range(2):
+            for key, slots in lookups:
+                expected = yield self.backend.check(key, slots)
+                self.assertEqual(self.backend.check_now(key, slots), expected)
+                seen.append(expected.prob)
+            self.clock.advance(1.5 * DAY)
+        self.assertEqual(seen, [1.0, 31 / 32, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+
+    @inlineCallbacks
+    def test_check_now_on_closed_database(self) -> Any:
+        """check_now raises BackendUnavailable once the database is closed; check fails."""
+        yield self.backend.close()
+        self.assertRaises(BackendUnavailable, self.backend.check_now, digest(1), None)
+        yield self.assertFailure(self.backend.check(digest(1), None), BackendUnavailable)
 
     @inlineCallbacks
     def test_exact_hit(self) -> Any:

@@ -23,10 +23,20 @@ from rspamd_tx.fuzzy.backend import (
     BackendUnavailable,
     CheckResult,
     IFuzzyBackend,
+    IImmediateFuzzyBackend,
     Update,
     UpdateKind,
 )
-from rspamd_tx.fuzzy.storage import LOG_INTERVAL, FuzzyStorage, NetworkSet, UpdateSink, key_label
+from rspamd_tx.fuzzy.storage import (
+    IP_STATS_SIZE,
+    LOG_INTERVAL,
+    PEER_CACHE_SIZE,
+    FuzzyPolicy,
+    FuzzyStorage,
+    NetworkSet,
+    UpdateSink,
+    key_label,
+)
 from rspamd_tx.fuzzy.update_queue import UpdateQueue
 from rspamd_tx.protocols.fuzzy_codec import (
     ClientEncryption,
@@ -663,3 +673,189 @@ class CapturedTrafficTests(PipelineTestCase):
         self.assertEqual(decode_reply(raw).tag, 1032311634)
         [(_, shingles)] = self.backend.lookups
         self.assertEqual(len(shingles), 32)
+
+
+@implementer(IImmediateFuzzyBackend)
+class ImmediateMemoryBackend(MemoryBackend):
+    """:class:`MemoryBackend` answering through ``check_now`` (as SQLite does);
+    its Deferred ``check`` must not be used."""
+
+    misused = False
+
+    def check(self, digest: bytes, shingles: Any) -> Deferred[CheckResult]:
+        self.misused = True
+        raise AssertionError("the storage used check() of an immediate backend")
+
+    def check_now(self, digest: bytes, shingles: Any) -> CheckResult:
+        self.lookups.append((digest, shingles))
+        if self.error is not None:
+            raise self.error
+        return self.hashes.get(digest, MISS)
+
+
+class ImmediateBackendMixin(PipelineTestCase):
+    """Runs a test class against :class:`ImmediateMemoryBackend`."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        backend = self.backend = ImmediateMemoryBackend()
+        self.addCleanup(lambda: self.assertFalse(backend.misused))
+
+
+class ImmediateCheckTests(ImmediateBackendMixin, CheckTests):
+    """Every CHECK test, with the lookup answered by ``check_now``."""
+
+    def test_asynchronous_backend(self) -> None:
+        """With an immediate backend, handle answers a CHECK at once, never a Deferred."""
+        self.store()
+        answer = self.storage().handle(encode_request(command()), CLIENT)
+        assert isinstance(answer, bytes)
+        self.assertEqual((decode_reply(answer).value, self.backend.lookups),
+                         (10, [(DIGEST, None)]))
+
+    def test_any_lookup_error_is_a_miss(self) -> None:
+        """Whatever check_now raises is a backend error: a miss, counted and logged."""
+        self.backend.error = RuntimeError("disk on fire")
+        storage = self.storage()
+        with capturedLogs() as logged:
+            reply = self.ask(storage, command())
+        self.assertEqual((reply.value, reply.prob, storage.stats.backend_errors,
+                          storage.stats.internal_errors), (0, 0.0, 1, 0))
+        self.assertIn("disk on fire", [e.get("error") for e in logged])
+        self.assertEqual(storage.registry.get_sample_value(
+            "rspamd_tx_fuzzy_requests_total",
+            {"command": "check", "outcome": "backend_error"}), 1.0)
+
+    def test_error_after_lookup_is_internal(self) -> None:
+        """An error while answering a hit is an internal error, not a backend error."""
+        self.store(value=1, prob=2e300)  # cannot be sent as a float32
+        storage = self.storage()
+        self.assertIsNone(storage.handle(encode_request(command()), CLIENT))
+        self.assertEqual((storage.stats.internal_errors, storage.stats.backend_errors), (1, 0))
+        self.assertEqual(len(self.flushLoggedErrors()), 1)
+
+
+class ImmediateWriteTests(ImmediateBackendMixin, WriteTests):
+    """Every WRITE test with an immediate backend."""
+
+
+class ImmediateEncryptionTests(ImmediateBackendMixin, EncryptionTests):
+    """Every encryption test with an immediate backend."""
+
+
+class ImmediateRobustnessTests(ImmediateBackendMixin):
+    """The pipeline over an immediate backend never raises and answers at once."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=600), st.sampled_from(["127.0.0.1", "192.0.2.7", "::1"]))
+    def test_handle_answers_at_once(self, datagram: bytes, host: str) -> None:
+        """Any datagram gives bytes or None (never a Deferred), and never an exception."""
+        self.store()
+        storage = self.storage(allow_update=(HostRef("localhost"),), delay=5.0,
+                               ratelimit_rate=1.0, ratelimit_burst=2.0)
+        answer = storage.handle(datagram, ip_address(host))
+        self.assertIsInstance(answer, (bytes, type(None)))
+        self.assertEqual(storage.stats.internal_errors, 0)
+
+
+class ImmediateCapturedTrafficTests(ImmediateBackendMixin, CapturedTrafficTests):
+    """Every captured-traffic test with an immediate backend."""
+
+
+class CachedPolicyFactsTests(PipelineTestCase):
+    """What the pipeline remembers per source, key and outcome stays correct."""
+
+    def test_reconfigure_renews_source_verdicts(self) -> None:
+        """A source seen before is judged by the new policy after ``reconfigure``."""
+        storage = self.storage(allow_update=(ip_network("127.0.0.1"),))
+        self.assertEqual(self.ask(storage, command(Command.WRITE)).prob, 1.0)
+        storage.reconfigure(FuzzyOptions(allow_update=(ip_network("127.0.0.2"),)))
+        self.assertEqual(self.ask(storage, command(Command.WRITE)).value, 403)
+        storage.reconfigure(FuzzyOptions(blocked=(ip_network("127.0.0.0/8"),)))
+        self.assertIsNone(storage.handle(encode_request(command()), CLIENT))
+        self.assertEqual(storage.stats.blocked_requests, 1)
+
+    def test_delay_whitelist_per_source(self) -> None:
+        """Sources in and out of ``delay_whitelist`` keep their own verdicts."""
+        self.store(ts=NOW - 1)
+        storage = self.storage(delay=60.0, delay_whitelist=(ip_network("127.0.0.1"),))
+        for _ in range(2):
+            self.assertEqual(self.ask(storage, command()).value, 10)
+            self.assertEqual(self.ask(storage, command(), STRANGER).prob, 0.0)
+        self.assertEqual(storage.stats.delayed_hashes, 2)
+
+    def test_source_cache_bounded(self) -> None:
+        """At most PEER_CACHE_SIZE sources are remembered, the oldest forgotten first,
+        and a forgotten source is judged again when it returns."""
+        policy = FuzzyPolicy(allow_update=NetworkSet((ip_network("10.0.0.0/8"),)))
+        first = ip_address("10.0.0.0")
+        for n in range(PEER_CACHE_SIZE + 1):
+            policy._peer(ip_address(int(first) + n))
+        self.assertEqual(len(policy._peers), PEER_CACHE_SIZE)
+        self.assertNotIn(first, policy._peers)
+        peer = policy._peer(first)
+        self.assertEqual((peer.source, peer.update_allowed, peer.blocked),
+                         ("10.0.0.0", True, False))
+
+    def test_ipv4_mapped_source_statistics(self) -> None:
+        """An IPv4-mapped source is counted under its IPv4 address, a local one as unix."""
+        self.store()
+        storage = self.storage()
+        self.ask(storage, command(), ip_address("::ffff:127.0.0.1"))
+        self.ask(storage, command(), None)
+        ips = storage.stats.as_dict()["keys"]["unkeyed"]["ips"]
+        self.assertEqual((ips["127.0.0.1"]["matched"], ips["unix"]["matched"]), (1, 1))
+
+    def test_source_statistics_least_recently_used(self) -> None:
+        """Per-source counters keep the IP_STATS_SIZE most recently seen sources."""
+        storage = self.storage()
+        first = int(ip_address("10.0.0.0"))
+        self.ask(storage, command(), ip_address(first))
+        for n in range(1, IP_STATS_SIZE):
+            self.ask(storage, command(), ip_address(first + n))
+        self.ask(storage, command(), ip_address(first))  # seen again: now the most recent
+        self.ask(storage, command(), ip_address(first + IP_STATS_SIZE))
+        ips = storage.stats.as_dict()["keys"]["unkeyed"]["ips"]
+        self.assertEqual(len(ips), IP_STATS_SIZE)
+        self.assertEqual(ips["10.0.0.0"]["checked"], 2)
+        self.assertNotIn("10.0.0.1", ips)
+
+    def test_key_label_after_reconfigure(self) -> None:
+        """A reply that arrives after the keys changed still counts under its own key."""
+        server_key = Keypair.generate()
+        client = ClientEncryption(server_key.public_key, Keypair.generate())
+        self.backend.hold = True
+        storage = self.storage(keypairs=(server_key,))
+        answer = storage.handle(encode_request(command(), client), CLIENT)
+        storage.reconfigure(FuzzyOptions(keypairs=(Keypair.generate(),)))
+        self.backend.held[0].callback(MISS)
+        self.assertIsInstance(answer, Deferred)
+        keys = storage.stats.as_dict()["keys"]
+        self.assertEqual(keys[key_label(server_key)]["checked"], 1)
+
+    def test_may_write_with_other_keypair_object(self) -> None:
+        """Key holders are recognised by key, whether or not the keypair object is the
+        policy's own."""
+        server_key = Keypair.generate()
+        policy = FuzzyPolicy(keypairs=(server_key,),
+                             allow_update_keys=frozenset({server_key.id_string}))
+        twin = Keypair.from_secret(server_key.secret_key)
+        self.assertIsNot(twin, server_key)
+        self.assertEqual([policy.may_write(CLIENT, k) for k in (server_key, twin, None)],
+                         [True, True, False])
+        self.assertFalse(policy.may_write(CLIENT, Keypair.generate()))
+        self.assertEqual((policy.label(server_key), policy.label(twin), policy.label(None)),
+                         (key_label(server_key), key_label(server_key), "unkeyed"))
+
+    def test_metrics_accumulate(self) -> None:
+        """Repeated outcomes add up in their own series."""
+        self.store()
+        storage = self.storage()
+        for _ in range(3):
+            self.ask(storage, command())
+        self.ask(storage, command(digest=OTHER_DIGEST))
+        samples = [storage.registry.get_sample_value(
+            "rspamd_tx_fuzzy_requests_total", {"command": "check", "outcome": outcome})
+            for outcome in ("hit", "miss")]
+        self.assertEqual(samples, [3.0, 1.0])
+

@@ -269,3 +269,18 @@ class IFuzzyBackend(Interface):
 
     def close() -> Deferred[None]:
         """Release connections and files; the backend is unusable afterwards."""
+
+
+class IImmediateFuzzyBackend(IFuzzyBackend):
+    """A backend that can also answer a lookup at once, without a Deferred.
+
+    Optional: the storage uses :meth:`check_now` when a backend provides this
+    interface (SQLite, whose reads run on the reactor thread) and
+    :meth:`IFuzzyBackend.check` otherwise.
+    """
+
+    def check_now(digest: Digest, shingles: Shingles | None) -> CheckResult:
+        """What :meth:`IFuzzyBackend.check` would fire with, returned directly.
+
+        Raises :class:`BackendUnavailable` when the backend cannot answer now.
+        """

@@ -18,13 +18,13 @@ Both only move bytes between a transport and :meth:`FuzzyStorage.handle
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -71,6 +71,14 @@ class FuzzyDatagramProtocol(DatagramProtocol):
     Senders on IP sockets are identified by address; a sender on a unix
     datagram socket (``addr`` is a path) is a local client.  Never raises out
     of :meth:`datagramReceived`.
+
+    Replies go straight to the port's socket when the transport has one (a
+    listening UDP or unix datagram port): the peer address came from
+    ``recvfrom`` on that very socket, so the address checks of the
+    transport's ``write`` have nothing to find.  A reply the kernel cannot
+    take (``EAGAIN``, ``ENOBUFS``…) is dropped with a logged warning, a
+    refused one (``ECONNREFUSED``, a late ICMP error of an earlier reply) is
+    dropped silently, as the transport's ``write`` does.
     """
 
     noisy = False
@@ -86,10 +94,10 @@ class FuzzyDatagramProtocol(DatagramProtocol):
                 if address is None:
                     return
             answer = self.storage.handle(datagram, address)
-            if isinstance(answer, Deferred):
-                answer.addCallback(self._send, addr, len(datagram))
-            else:
+            if answer is None or isinstance(answer, bytes):
                 self._send(answer, addr, len(datagram))
+            else:
+                answer.addCallback(self._send, addr, len(datagram))
         except Exception:
             log.failure("fuzzy datagram from {peer} dropped", peer=addr)
 
@@ -98,12 +106,18 @@ class FuzzyDatagramProtocol(DatagramProtocol):
             log.debug("dropped a {size}-byte datagram from {peer} without reply",
                       size=size, peer=addr)
             return
-        if self.transport is None or not addr:
+        transport = self.transport
+        if transport is None or not addr:
             return
+        sock = getattr(transport, "socket", None)
         try:
-            self.transport.write(reply, addr)
+            if sock is not None:
+                sock.sendto(reply, addr)
+            else:
+                transport.write(reply, addr)
         except OSError as error:
-            log.warn("cannot send a fuzzy reply to {peer}: {error}", peer=addr, error=error)
+            if error.errno != errno.ECONNREFUSED:
+                log.warn("cannot send a fuzzy reply to {peer}: {error}", peer=addr, error=error)
 
 
 @dataclass(slots=True)
@@ -161,10 +175,10 @@ class FuzzyStreamProtocol(Protocol):
             slot = _PendingReply()
             self._replies.append(slot)
             answer = self.factory.storage.handle(payload, self.address)
-            if isinstance(answer, Deferred):
-                answer.addCallback(self._answered, slot)
-            else:
+            if answer is None or isinstance(answer, bytes):
                 self._answered(answer, slot)
+            else:
+                answer.addCallback(self._answered, slot)
         if len(self._replies) >= MAX_PENDING_REPLIES and not self._paused:
             self._paused = True
             self._producer().pauseProducing()

@@ -17,7 +17,9 @@ sweep) runs on one dedicated worker thread (a single-thread
 :meth:`SqliteFuzzyBackend.start` and stopped by :meth:`SqliteFuzzyBackend.close`)
 through ``deferToThreadPool``. CHECK and version reads run on the reactor
 thread through a second connection: they are indexed point lookups, and WAL
-mode lets them proceed while the worker thread writes.
+mode lets them proceed while the worker thread writes.  The backend provides
+:class:`~rspamd_tx.fuzzy.backend.IImmediateFuzzyBackend`, so a CHECK needs no
+Deferred (:meth:`SqliteFuzzyBackend.check_now`).
 
 Semantics follow Rspamd's sqlite backend (``fuzzy-storage.md`` §6.2):
 
@@ -54,7 +56,7 @@ from rspamd_tx.fuzzy.backend import (
     BackendUnavailable,
     CheckResult,
     Digest,
-    IFuzzyBackend,
+    IImmediateFuzzyBackend,
     Shingles,
     Update,
     UpdateKind,
@@ -91,6 +93,7 @@ _SHINGLE_LOOKUP = " UNION ALL ".join(
     [f"SELECT {number} AS number, digest_id FROM shingles WHERE number = {number} AND value = ?"
      for number in range(SHINGLE_COUNT)]
 )
+_DIGEST_LOOKUP = "SELECT value, flag, time FROM digests WHERE digest = ?"
 _SHINGLE_OWNERS = (
     "SELECT q.number, d.digest FROM (" + _SHINGLE_LOOKUP + ") AS q "
     "JOIN digests AS d ON d.id = q.digest_id"
@@ -110,7 +113,7 @@ def _configure(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA cache_size = -65536")
 
 
-@implementer(IFuzzyBackend)
+@implementer(IImmediateFuzzyBackend)
 class SqliteFuzzyBackend:
     """Fuzzy hashes in one SQLite file.
 
@@ -208,18 +211,27 @@ class SqliteFuzzyBackend:
     def check(self, digest: Digest, shingles: Shingles | None) -> Deferred[CheckResult]:
         """Exact digest first, then the shingle vote; fires with :data:`MISS` if none."""
         try:
-            return succeed(self._check(digest, shingles, self._clock.seconds()))
+            return succeed(self.check_now(digest, shingles))
+        except BackendUnavailable as error:
+            return fail(error)
+
+    def check_now(self, digest: Digest, shingles: Shingles | None) -> CheckResult:
+        """:meth:`check`'s result, returned at once (the read runs on this thread).
+
+        Raises :class:`BackendUnavailable` for any SQLite error (including a
+        database that is not open).
+        """
+        try:
+            return self._check(digest, shingles, self._clock.seconds())
         except sqlite3.Error as error:
-            return fail(BackendUnavailable(str(error)))
+            raise BackendUnavailable(str(error)) from None
 
     def _check(self, digest: Digest, shingles: Shingles | None, now: float) -> CheckResult:
         reader = self._connected_reader()
         oldest = now - self.lifetime
-        row = reader.execute(
-            "SELECT value, flag, time FROM digests WHERE digest = ?", (digest,)
-        ).fetchone()
+        row = reader.execute(_DIGEST_LOOKUP, (digest,)).fetchone()
         if row is not None and row[2] >= oldest:
-            return CheckResult(value=row[0], flag=row[1], prob=1.0, timestamp=row[2], digest=digest)
+            return CheckResult(row[0], row[1], 1.0, row[2], digest)
         if shingles is None:
             return MISS
         owners: list[bytes | None] = [None] * SHINGLE_COUNT
@@ -228,15 +240,10 @@ class SqliteFuzzyBackend:
         winner, agreeing = vote_shingles(owners)
         if winner is None:
             return MISS
-        row = reader.execute(
-            "SELECT value, flag, time FROM digests WHERE digest = ?", (winner,)
-        ).fetchone()
+        row = reader.execute(_DIGEST_LOOKUP, (winner,)).fetchone()
         if row is None or row[2] < oldest:
             return MISS
-        return CheckResult(
-            value=row[0], flag=row[1], prob=agreeing / SHINGLE_COUNT, timestamp=row[2],
-            digest=winner,
-        )
+        return CheckResult(row[0], row[1], agreeing / SHINGLE_COUNT, row[2], winner)
 
     def version(self, source: str) -> Deferred[int]:
         """Fire with the revision of ``source`` (0 if it never wrote)."""
@@ -329,8 +336,11 @@ class SqliteFuzzyBackend:
                     writer.execute("DELETE FROM digests WHERE digest = ?", (update.digest,))
                     changed = True
                 else:
+                    # A row already at ``now`` is left alone: a batch of such
+                    # refreshes then writes no page, so readers keep their cache.
                     writer.execute(
-                        "UPDATE digests SET time = ? WHERE digest = ?", (now, update.digest)
+                        "UPDATE digests SET time = ?1 WHERE digest = ?2 AND time <> ?1",
+                        (now, update.digest),
                     )
             self._insert_slots(writer, slots)
             if changed:

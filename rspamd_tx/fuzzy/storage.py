@@ -62,7 +62,10 @@ from rspamd_tx.config.workers import FuzzyOptions
 from rspamd_tx.fuzzy.backend import (
     LOCAL_SOURCE,
     CheckResult,
+    Digest,
     IFuzzyBackend,
+    IImmediateFuzzyBackend,
+    Shingles,
     Update,
     UpdateKind,
 )
@@ -75,11 +78,10 @@ from rspamd_tx.protocols.fuzzy_codec import (
     Command,
     Epoch,
     FuzzyProtocolError,
-    FuzzyReply,
     FuzzyRequest,
     ReplyCode,
     decode_request,
-    encode_reply,
+    encode_reply_values,
 )
 from rspamd_tx.protocols.keypair import Keypair
 
@@ -110,12 +112,19 @@ LOG_INTERVAL = 60.0
 IP_STATS_SIZE = 1024
 """Per-source counters kept per key (and invalid-request sources), LRU."""
 
+PEER_CACHE_SIZE = 4096
+"""Source addresses whose policy facts a :class:`FuzzyPolicy` remembers (oldest dropped first)."""
+
 UNKEYED = "unkeyed"
 """Statistics label of plaintext clients."""
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 _U32 = 0xFFFFFFFF
-_WRITE_COMMANDS = (Command.WRITE, Command.DEL)
+_CHECK, _WRITE, _DEL, _STAT, _PING = (Command.CHECK, Command.WRITE, Command.DEL, Command.STAT,
+                                      Command.PING)
+_ADD_KIND, _DEL_KIND, _REFRESH_KIND = UpdateKind.ADD, UpdateKind.DEL, UpdateKind.REFRESH
+_FORBIDDEN, _SKIPPED, _INTERNAL_ERROR = (ReplyCode.FORBIDDEN, ReplyCode.SKIPPED,
+                                         ReplyCode.INTERNAL_ERROR)
 
 
 class UpdateSink(Protocol):
@@ -244,6 +253,10 @@ def _skip_hashes(entries: Iterable[str]) -> frozenset[bytes]:
 class FuzzyPolicy:
     """Everything configurable the pipeline consults, swapped as one value.
 
+    A policy also remembers what it has worked out per source address (see
+    :meth:`_peer`) and per keypair (statistics label, write permission), so
+    replacing the policy forgets all of it at once.
+
     Attributes:
         keypairs: the server keypairs; the last one is the default key.
         allow_update: sources allowed to write; ``None`` when not configured.
@@ -269,9 +282,19 @@ class FuzzyPolicy:
     skip_hashes: frozenset[bytes] = frozenset()
     forbidden_ids: frozenset[int] = frozenset()
     _by_id: Mapping[bytes, Keypair] = field(init=False, repr=False, compare=False)
+    _labels: Mapping[int, str] = field(init=False, repr=False, compare=False)
+    _key_writers: Mapping[int, bool] = field(init=False, repr=False, compare=False)
+    _peers: dict[IPAddress | None, _Peer] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_by_id", {k.fuzzy_key_id: k for k in self.keypairs})
+        # Per-key facts by id() of our own keypairs: the policy keeps them
+        # alive, so an id here cannot stand for another object.
+        setattr_ = object.__setattr__
+        setattr_(self, "_by_id", {k.fuzzy_key_id: k for k in self.keypairs})
+        setattr_(self, "_labels", {id(k): key_label(k) for k in self.keypairs})
+        setattr_(self, "_key_writers",
+                 {id(k): k.id_string in self.allow_update_keys for k in self.keypairs})
+        setattr_(self, "_peers", {})
 
     @classmethod
     def from_options(cls, options: FuzzyOptions,
@@ -309,16 +332,74 @@ class FuzzyPolicy:
 
     def may_write(self, address: IPAddress | None, keypair: Keypair | None) -> bool:
         """Write authorisation of ``fuzzy-storage.md`` §3."""
+        return self._may_write(address is None or address in (self.allow_update or ()), keypair)
+
+    def _may_write(self, update_allowed: bool, keypair: Keypair | None) -> bool:
+        """:meth:`may_write` for a source whose ``allow_update`` membership
+        (local sources always count as members) is ``update_allowed``."""
         if self.read_only:
             return False
         if self.allow_update is not None:
-            return address is None or address in self.allow_update
+            return update_allowed
         if self.allow_update_keys and keypair is not None:
-            return keypair.id_string in self.allow_update_keys
+            allowed = self._key_writers.get(id(keypair))
+            if allowed is None:  # not one of this policy's keys
+                return keypair.id_string in self.allow_update_keys
+            return allowed
         return False
 
+    def label(self, keypair: Keypair | None) -> str:
+        """The statistics label of requests decrypted with ``keypair``
+        (:func:`key_label`; :data:`UNKEYED` for plaintext)."""
+        if keypair is None:
+            return UNKEYED
+        label = self._labels.get(id(keypair))
+        return label if label is not None else key_label(keypair)
 
-@dataclass
+    def _peer(self, address: IPAddress | None) -> _Peer:
+        """What this policy says about ``address`` (``None``: a local socket).
+
+        Computed once per address and kept (at most :data:`PEER_CACHE_SIZE`
+        addresses, the oldest dropped first); the address is normalised as
+        :meth:`FuzzyStorage.handle` describes.
+        """
+        peers = self._peers
+        peer = peers.get(address)
+        if peer is None:
+            normal = None if address is None else _normal(address)
+            peer = _Peer(
+                address=normal,
+                source="unix" if normal is None else str(normal),
+                blocked=normal in self.blocked,
+                update_allowed=normal is None or normal in (self.allow_update or ()),
+                delay_exempt=normal in self.delay_whitelist,
+            )
+            if len(peers) >= PEER_CACHE_SIZE:
+                del peers[next(iter(peers))]
+            peers[address] = peer
+        return peer
+
+
+@dataclass(frozen=True, slots=True)
+class _Peer:
+    """A source address and the policy's verdicts on it.
+
+    Attributes:
+        address: the normalised address, ``None`` for a local socket.
+        source: its statistics and update-source label (``unix`` when local).
+        blocked: in ``blocked``.
+        update_allowed: local, or in ``allow_update`` (when configured).
+        delay_exempt: in ``delay_whitelist``.
+    """
+
+    address: IPAddress | None
+    source: str
+    blocked: bool
+    update_allowed: bool
+    delay_exempt: bool
+
+
+@dataclass(slots=True)
 class RequestCounters:
     """Rspamd's per-key and per-source counters."""
 
@@ -334,7 +415,7 @@ class RequestCounters:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-@dataclass
+@dataclass(slots=True)
 class _KeyStats:
     counters: RequestCounters = field(default_factory=RequestCounters)
     ips: OrderedDict[str, RequestCounters] = field(default_factory=OrderedDict)
@@ -381,11 +462,17 @@ class FuzzyStats:
 
     def key(self, label: str) -> RequestCounters:
         """The counters of the key labelled ``label`` (``unkeyed`` for plaintext)."""
-        return self._keys.setdefault(label, _KeyStats()).counters
+        return self._key_stats(label).counters
 
     def source(self, label: str, source: str) -> RequestCounters:
         """The counters of ``source`` under the key labelled ``label``."""
-        return self._keys.setdefault(label, _KeyStats()).for_source(source)
+        return self._key_stats(label).for_source(source)
+
+    def _key_stats(self, label: str) -> _KeyStats:
+        stats = self._keys.get(label)
+        if stats is None:
+            stats = self._keys[label] = _KeyStats()
+        return stats
 
     def invalid(self, source: str) -> None:
         """Count an invalid request from ``source``."""
@@ -394,29 +481,45 @@ class FuzzyStats:
         while len(self._errors_ips) > IP_STATS_SIZE:
             self._errors_ips.popitem(last=False)
 
-    def record(self, *, label: str, source: str, command: int, epoch: Epoch, value: int,
+    def record(self, label: str, source: str, command: int, epoch: Epoch, value: int,
                matched: bool, shingle: bool, delayed: bool) -> None:
-        """Count one answered command (Rspamd 3.4's rule, §13)."""
-        self.checked[epoch] = self.checked.get(epoch, 0) + 1
+        """Count one answered command (Rspamd 3.4's rule, §13): in its epoch,
+        and under its key label both as a whole and for ``source``."""
+        checked = self.checked
+        checked[epoch] = checked.get(epoch, 0) + 1
         if matched:
             self.found[epoch] = self.found.get(epoch, 0) + 1
         if shingle:
             self.shingles[epoch] = self.shingles.get(epoch, 0) + 1
+        stats = self._keys.get(label)
+        if stats is None:
+            stats = self._keys[label] = _KeyStats()
+        total = stats.counters
+        ips = stats.ips
+        per_source = ips.get(source)
+        if per_source is None:
+            per_source = stats.for_source(source)
+        else:
+            ips.move_to_end(source)
         if delayed:
             self.delayed_hashes += 1
-        for counters in (self.key(label), self.source(label, source)):
-            if delayed:
-                counters.delayed += 1
-            if not matched and value != 0:
-                counters.errors += 1
-            elif command == Command.CHECK:
-                counters.checked += 1
-                if matched:
-                    counters.matched += 1
-            elif command == Command.WRITE:
-                counters.added += 1
-            elif command == Command.DEL:
-                counters.deleted += 1
+            total.delayed += 1
+            per_source.delayed += 1
+        if not matched and value != 0:
+            total.errors += 1
+            per_source.errors += 1
+        elif command == _CHECK:
+            total.checked += 1
+            per_source.checked += 1
+            if matched:
+                total.matched += 1
+                per_source.matched += 1
+        elif command == _WRITE:
+            total.added += 1
+            per_source.added += 1
+        elif command == _DEL:
+            total.deleted += 1
+            per_source.deleted += 1
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready statistics (Rspamd's ``fuzzystat`` keys plus ours)."""
@@ -456,15 +559,15 @@ class _Metrics:
             "rspamd_tx_fuzzy_stored_hashes", "Last known number of stored hashes",
             registry=registry)
         self.stored.set_function(stored)
-        self._children: dict[tuple[int | None, str], Any] = {}
+        self._increments: dict[tuple[int | None, str], Callable[[], None]] = {}
 
     def count(self, code: int | None, outcome: str) -> None:
         """Count one request with command ``code`` (``None``: not parsed) and ``outcome``."""
-        child = self._children.get((code, outcome))
-        if child is None:
+        increment = self._increments.get((code, outcome))
+        if increment is None:
             name = "unknown" if code is None else _command_name(code)
-            child = self._children[(code, outcome)] = self.requests.labels(name, outcome)
-        child.inc()
+            increment = self._increments[(code, outcome)] = self.requests.labels(name, outcome).inc
+        increment()
 
 
 def _command_name(code: int) -> str:
@@ -500,7 +603,8 @@ class FuzzyStorage:
     """The request pipeline of one fuzzy storage worker.
 
     Attributes:
-        backend: where hashes are looked up (and, through the queue, stored).
+        backend: where hashes are looked up (and, through the queue, stored);
+            fixed at construction.
         queue: where accepted updates go.
         policy: the current :class:`FuzzyPolicy` (replaced by :meth:`reconfigure`).
         ratelimiter: the CHECK rate limiter, or ``None`` when not configured.
@@ -535,6 +639,9 @@ class FuzzyStorage:
         :param random_bytes: nonces of encrypted replies.
         """
         self.backend = backend
+        self._check_now: Callable[[Digest, Shingles | None], CheckResult] | None = (
+            IImmediateFuzzyBackend(backend).check_now
+            if IImmediateFuzzyBackend.providedBy(backend) else None)
         self.queue = queue
         self.stats = FuzzyStats()
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -601,75 +708,85 @@ class FuzzyStorage:
     def handle(self, datagram: bytes, address: IPAddress | None) -> HandleResult:
         """The reply to ``datagram`` from ``address`` (``None``: a local socket).
 
-        Returns the reply bytes, ``None`` when nothing is to be sent, or a
-        Deferred firing with one of those when the backend answers later.
-        Never raises, and the Deferred never fails: unexpected errors are
-        logged, counted in ``internal_errors`` and give no reply.
+        An IPv4-mapped IPv6 address counts as its IPv4 address.  Returns the
+        reply bytes, ``None`` when nothing is to be sent, or a Deferred firing
+        with one of those when the backend answers later (a backend providing
+        :class:`~rspamd_tx.fuzzy.backend.IImmediateFuzzyBackend` never makes
+        it wait).  Never raises, and the Deferred never fails: unexpected
+        errors are logged, counted in ``internal_errors`` and give no reply.
         """
         try:
-            result = self._handle(bytes(datagram),
-                                  None if address is None else _normal(address))
+            policy = self.policy
+            result = self._handle(policy, datagram, policy._peer(address))
         except Exception:
             self._internal_error(Failure())
             return None
-        if isinstance(result, Deferred):
-            return _settled(result.addErrback(self._internal_error))
-        return result
+        if result is None or isinstance(result, bytes):
+            return result
+        return _settled(result.addErrback(self._internal_error))
 
     def _internal_error(self, failure: Failure) -> None:
         self.stats.internal_errors += 1
         log.failure("fuzzy request dropped after an internal error", failure)
 
-    def _handle(self, datagram: bytes, address: IPAddress | None) -> HandleResult:
-        policy = self.policy
-        source = str(address) if address is not None else "unix"
-        if address in policy.blocked:
+    def _handle(self, policy: FuzzyPolicy, datagram: bytes, peer: _Peer) -> HandleResult:
+        if peer.blocked:
             self.stats.blocked_requests += 1
             self._metrics.count(None, "blocked")
             return None
         try:
             request = decode_request(datagram, policy.key_for, self._nm_cache)
         except FuzzyProtocolError as error:
-            self.stats.invalid(source)
+            self.stats.invalid(peer.source)
             self._metrics.count(None, "invalid")
             self._invalid_log.emit("invalid fuzzy request from {source}: {error}",
-                                   source=source, error=str(error))
+                                   source=peer.source, error=str(error))
             return None
-        exchange = _Exchange(request, address, source)
-        command = request.command.command
-        if policy.encrypted_only and not request.encrypted:
-            return self._answer(exchange, ReplyCode.FORBIDDEN, "refused", flag=0)
-        if command == Command.CHECK:
-            return self._check(policy, exchange)
-        if command == Command.STAT:
-            count = max(0, self.stats.fuzzy_stored)
-            return self._answer(exchange, count >> 32 & 0x7FFFFFFF, "ok",
-                                flag=count & _U32, prob=1.0)
-        if command == Command.PING:
-            return self._answer(exchange, request.command.value, "ok", prob=1.0)
-        if command in _WRITE_COMMANDS:
-            return self._write(policy, exchange)
-        return self._answer(exchange, ReplyCode.INTERNAL_ERROR, "refused", flag=0)
-
-    def _write(self, policy: FuzzyPolicy, exchange: _Exchange) -> bytes:
-        request = exchange.request
         command = request.command
-        keypair = request.encryption.keypair if request.encryption else None
-        if not policy.may_write(exchange.address, keypair):
-            return self._answer(exchange, ReplyCode.FORBIDDEN, "refused")
-        if command.command == Command.WRITE and command.digest in policy.skip_hashes:
-            return self._answer(exchange, ReplyCode.SKIPPED, "skipped")
-        kind = UpdateKind.ADD if command.command == Command.WRITE else UpdateKind.DEL
-        self.queue.push(Update(kind=kind, digest=command.digest, flag=command.flag,
-                               value=command.value if kind is UpdateKind.ADD else 0,
-                               shingles=command.shingles or None, source=exchange.source))
-        return self._answer(exchange, ReplyCode.OK, "accepted", prob=1.0)
+        code = command.command
+        if policy.encrypted_only and request.encryption is None:
+            return self._answer(request, peer, _FORBIDDEN, "refused", 0)
+        if code == _CHECK:
+            return self._check(policy, request, peer)
+        if code == _WRITE or code == _DEL:
+            return self._write(policy, request, peer)
+        if code == _STAT:
+            count = max(0, self.stats.fuzzy_stored)
+            return self._answer(request, peer, count >> 32 & 0x7FFFFFFF, "ok", count & _U32, 1.0)
+        if code == _PING:
+            return self._answer(request, peer, command.value, "ok", command.flag, 1.0)
+        return self._answer(request, peer, _INTERNAL_ERROR, "refused", 0)
 
-    def _check(self, policy: FuzzyPolicy, exchange: _Exchange) -> HandleResult:
-        if self.ratelimiter is not None and not self.ratelimiter.allow(exchange.address):
+    def _write(self, policy: FuzzyPolicy, request: FuzzyRequest, peer: _Peer) -> bytes:
+        command = request.command
+        encryption = request.encryption
+        if not policy._may_write(peer.update_allowed,
+                                 None if encryption is None else encryption.keypair):
+            return self._answer(request, peer, _FORBIDDEN, "refused", command.flag)
+        if command.command == _WRITE:
+            if command.digest in policy.skip_hashes:
+                return self._answer(request, peer, _SKIPPED, "skipped", command.flag)
+            update = Update(_ADD_KIND, command.digest, command.flag, command.value,
+                            command.shingles or None, peer.source)
+        else:
+            update = Update(_DEL_KIND, command.digest, command.flag, 0,
+                            command.shingles or None, peer.source)
+        self.queue.push(update)
+        return self._answer(request, peer, 0, "accepted", command.flag, 1.0)
+
+    def _check(self, policy: FuzzyPolicy, request: FuzzyRequest, peer: _Peer) -> HandleResult:
+        ratelimiter = self.ratelimiter
+        if ratelimiter is not None and not ratelimiter.allow(peer.address):
             self.stats.ratelimited_requests += 1
-            return self._answer(exchange, ReplyCode.FORBIDDEN, "ratelimited", flag=0)
-        command = exchange.request.command
+            return self._answer(request, peer, _FORBIDDEN, "ratelimited", 0)
+        command = request.command
+        check_now = self._check_now
+        if check_now is not None:
+            try:
+                result = check_now(command.digest, command.shingles or None)
+            except Exception:
+                return self._lookup_failed(request, peer, Failure())
+            return self._checked(policy, request, peer, result)
         try:
             lookup: Deferred[CheckResult] = self.backend.check(
                 command.digest, command.shingles or None)
@@ -677,71 +794,65 @@ class FuzzyStorage:
             lookup = fail(error)
 
         def answer(result: CheckResult) -> bytes | None:
-            return self._checked(policy, exchange, result)
+            return self._checked(policy, request, peer, result)
 
         def failed(failure: Failure) -> bytes | None:
-            return self._lookup_failed(exchange, failure)
+            return self._lookup_failed(request, peer, failure)
 
         return _settled(lookup.addCallbacks(answer, failed))
 
-    def _lookup_failed(self, exchange: _Exchange, failure: Failure) -> bytes:
+    def _lookup_failed(self, request: FuzzyRequest, peer: _Peer, failure: Failure) -> bytes:
         self.stats.backend_errors += 1
         self._backend_log.emit("fuzzy lookup failed, answering a miss: {error}",
                                error=failure.getErrorMessage())
-        return self._answer(exchange, 0, "backend_error", flag=0)
+        return self._answer(request, peer, 0, "backend_error", 0)
 
-    def _checked(self, policy: FuzzyPolicy, exchange: _Exchange, result: CheckResult) -> bytes:
-        command = exchange.request.command
-        if not result.hit:
-            return self._answer(exchange, 0, "miss", flag=0)
+    def _checked(self, policy: FuzzyPolicy, request: FuzzyRequest, peer: _Peer,
+                 result: CheckResult) -> bytes:
+        if not result.prob > 0.5:  # not result.hit
+            return self._answer(request, peer, 0, "miss", 0)
+        command = request.command
         digest = result.digest if result.digest is not None else command.digest
-        value, flag, prob = _clamp_i32(result.value), result.flag & _U32, result.prob
+        value, flag, prob = result.value, result.flag & _U32, result.prob
+        if not _I32_MIN <= value <= _I32_MAX:
+            value = _clamp_i32(value)
         ts = int(result.timestamp)
-        if digest in policy.skip_hashes or command.digest in policy.skip_hashes:
-            return self._answer(exchange, ReplyCode.SKIPPED, "skipped", flag=flag, digest=digest)
+        skip_hashes = policy.skip_hashes
+        if skip_hashes and (digest in skip_hashes or command.digest in skip_hashes):
+            return self._answer(request, peer, _SKIPPED, "skipped", flag, 0.0, digest)
         delayed = False
-        if policy.delay is not None and exchange.address not in policy.delay_whitelist:
+        if policy.delay is not None and not peer.delay_exempt:
             age = self._clock.seconds() - ts
             delayed = age < policy.delay * (1.0 + 0.5 * self._jitter())
         if prob > 0.9 and not policy.read_only:
-            self.queue.push(Update(kind=UpdateKind.REFRESH, digest=digest, flag=result.flag,
-                                   shingles=command.shingles or None, source=LOCAL_SOURCE))
+            self.queue.push(Update(_REFRESH_KIND, digest, result.flag, 0,
+                                   command.shingles or None, LOCAL_SOURCE))
         if flag in policy.forbidden_ids:
-            return self._answer(exchange, 0, "forbidden", flag=0, digest=digest)
-        return self._answer(exchange, value, "delayed" if delayed else "hit", flag=flag,
-                            prob=prob, digest=digest, ts=ts, delayed=delayed)
+            return self._answer(request, peer, 0, "forbidden", 0, 0.0, digest)
+        return self._answer(request, peer, value, "delayed" if delayed else "hit", flag,
+                            prob, digest, ts, delayed)
 
-    def _answer(self, exchange: _Exchange, value: int, outcome: str, *, flag: int | None = None,
+    def _answer(self, request: FuzzyRequest, peer: _Peer, value: int, outcome: str, flag: int,
                 prob: float = 0.0, digest: bytes | None = None, ts: int = 0,
                 delayed: bool = False) -> bytes:
-        """Count the answer and encode it; ``delayed`` replies are sent as misses."""
-        request = exchange.request
+        """Count the answer and encode it; ``delayed`` replies are sent as misses.
+
+        ``digest`` defaults to the request's; ``ts`` is clamped to a u32.
+        """
         command = request.command
         encryption = request.encryption
-        label = key_label(encryption.keypair) if encryption is not None else UNKEYED
-        matched = prob > 0.5
-        self.stats.record(label=label, source=exchange.source, command=command.command,
-                          epoch=request.epoch, value=value, matched=matched,
-                          shingle=bool(command.shingles), delayed=delayed)
-        self._metrics.count(command.command, outcome)
+        code = command.command
+        self.stats.record(UNKEYED if encryption is None else self.policy.label(encryption.keypair),
+                          peer.source, code, request.epoch, value, prob > 0.5,
+                          bool(command.shingles), delayed)
+        self._metrics.count(code, outcome)
         if delayed:
             value, prob, ts = 0, 0.0, 0
-        reply = FuzzyReply(
-            value=value,
-            flag=command.flag if flag is None else flag,
-            tag=command.tag,
-            prob=prob,
-            digest=digest if digest is not None else command.digest,
-            ts=max(0, min(ts, _U32)),
-        )
-        return encode_reply(request, reply, self._random_bytes)
-
-
-@dataclass(frozen=True, slots=True)
-class _Exchange:
-    request: FuzzyRequest
-    address: IPAddress | None
-    source: str
+        elif not 0 <= ts <= _U32:
+            ts = max(0, min(ts, _U32))
+        return encode_reply_values(request, value, flag, prob,
+                                   command.digest if digest is None else digest, ts,
+                                   self._random_bytes)
 
 
 def _settled(d: Deferred[_T]) -> _T | Deferred[_T]:

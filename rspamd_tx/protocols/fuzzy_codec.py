@@ -81,6 +81,7 @@ __all__ = [
     "encode_frame",
     "encode_reply",
     "encode_reply_body",
+    "encode_reply_values",
     "encode_request",
     "epoch_for_version",
     "is_encrypted",
@@ -116,6 +117,8 @@ _REPLY_V1 = struct.Struct("<iIIf")
 _REPLY_TAIL = struct.Struct("<64sI")
 _EXTRA_FLAG = struct.Struct("<iI")
 _REPLY_EPOCH11 = struct.Struct("<iIIf64sIB11x")
+_REPLY_EPOCH12_PLAIN = struct.Struct("<iIIf64sI60x")
+"""An epoch 12 reply without extra flags or matched-digest marker."""
 _F32 = struct.Struct("<f")
 _COMMON_PROBS = frozenset((0.0, 1.0))
 """Probabilities known to fit a float32 (exact hits, misses, acknowledgements)."""
@@ -208,6 +211,16 @@ def epoch_for_version(version: int, multi_flag: bool = False) -> Epoch:
             return Epoch.EPOCH12
         return Epoch.EPOCH11
     raise FuzzyProtocolError(f"unsupported protocol version {version:#04x}")
+
+
+def _epochs(multi_flag: bool) -> dict[int, Epoch]:
+    """:func:`epoch_for_version` of every valid version byte."""
+    return {version: epoch_for_version(version, multi_flag)
+            for version in range(_U8 + 1) if version & VERSION_MASK in (3, 4, 5)}
+
+
+_EPOCHS = _epochs(False)
+_EPOCHS_MULTI_FLAG = _epochs(True)
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:
@@ -418,31 +431,64 @@ def decode_command(payload: bytes, multi_flag: bool = False) -> tuple[FuzzyComma
     versions 4/5 at least that, the rest being extensions.  Raises
     :class:`FuzzyProtocolError`.
     """
-    if len(payload) < COMMAND_SIZE:
-        raise FuzzyProtocolError(f"command of {len(payload)} bytes is truncated")
+    size = len(payload)
+    if size < COMMAND_SIZE:
+        raise FuzzyProtocolError(f"command of {size} bytes is truncated")
     version, code, shingles_count, flag, value, tag, digest = _COMMAND.unpack_from(payload)
-    epoch = epoch_for_version(version, multi_flag)
-    fixed = COMMAND_SIZE + (SHINGLE_BLOCK_SIZE if shingles_count else 0)
-    if len(payload) < fixed:
-        raise FuzzyProtocolError(f"shingle command of {len(payload)} bytes is truncated")
-    if epoch is Epoch.EPOCH10 and len(payload) != fixed:
-        raise FuzzyProtocolError(f"version 3 command must be exactly {fixed} bytes")
+    epoch = (_EPOCHS_MULTI_FLAG if multi_flag else _EPOCHS).get(version)
+    if epoch is None:
+        epoch = epoch_for_version(version, multi_flag)  # raises for this version
     shingles: tuple[int, ...] = ()
+    fixed = COMMAND_SIZE
     if shingles_count:
+        fixed += SHINGLE_BLOCK_SIZE
+        if size < fixed:
+            raise FuzzyProtocolError(f"shingle command of {size} bytes is truncated")
         shingles = _SHINGLES.unpack_from(payload, COMMAND_SIZE)
-    extensions = _decode_extensions(payload[fixed:]) if len(payload) > fixed else ()
-    command = FuzzyCommand(
-        version=version,
-        command=code,
-        tag=tag,
-        digest=digest,
-        flag=flag,
-        value=value,
-        shingles=shingles,
-        shingles_count=shingles_count,
-        extensions=extensions,
-    )
+    extensions: tuple[Extension, ...] = ()
+    if size > fixed:
+        if epoch is Epoch.EPOCH10:
+            raise FuzzyProtocolError(f"version 3 command must be exactly {fixed} bytes")
+        extensions = _decode_extensions(payload[fixed:])
+    command = _new_command(version, _COMMANDS.get(code, code), tag, digest, flag, value,
+                           shingles, shingles_count, extensions)
     return command, epoch
+
+
+_new_object = object.__new__
+_COMMAND_SLOTS = vars(FuzzyCommand)  # the slot descriptors of the fields
+_set_version = _COMMAND_SLOTS["version"].__set__
+_set_command = _COMMAND_SLOTS["command"].__set__
+_set_tag = _COMMAND_SLOTS["tag"].__set__
+_set_digest = _COMMAND_SLOTS["digest"].__set__
+_set_flag = _COMMAND_SLOTS["flag"].__set__
+_set_value = _COMMAND_SLOTS["value"].__set__
+_set_shingles = _COMMAND_SLOTS["shingles"].__set__
+_set_shingles_count = _COMMAND_SLOTS["shingles_count"].__set__
+_set_extensions = _COMMAND_SLOTS["extensions"].__set__
+
+
+def _new_command(version: int, command: int, tag: int, digest: bytes, flag: int, value: int,
+                 shingles: tuple[int, ...], shingles_count: int,
+                 extensions: tuple[Extension, ...]) -> FuzzyCommand:
+    """A :class:`FuzzyCommand` from fields that are valid by construction.
+
+    For :func:`decode_command` only: the struct formats already bound every
+    field to its range, the shingle block is present exactly when
+    ``shingles_count`` is non-zero and ``command`` is already a
+    :class:`Command` when known, so ``__post_init__`` would check nothing new.
+    """
+    result: FuzzyCommand = _new_object(FuzzyCommand)
+    _set_version(result, version)
+    _set_command(result, command)
+    _set_tag(result, tag)
+    _set_digest(result, digest)
+    _set_flag(result, flag)
+    _set_value(result, value)
+    _set_shingles(result, shingles)
+    _set_shingles_count(result, shingles_count)
+    _set_extensions(result, extensions)
+    return result
 
 
 # --- requests ---------------------------------------------------------------
@@ -499,12 +545,12 @@ class FuzzyRequest:
         return None if self.encryption is None else self.encryption.nm
 
 
+_ENCRYPTED_MIN = ENCRYPTED_REQUEST_HEADER_SIZE + COMMAND_SIZE
+
+
 def is_encrypted(datagram: bytes) -> bool:
     """Rspamd's detection: at least 160 bytes starting with ``rsfe``."""
-    return (
-        len(datagram) >= ENCRYPTED_REQUEST_HEADER_SIZE + COMMAND_SIZE
-        and datagram[:4] == ENCRYPTED_MAGIC
-    )
+    return len(datagram) >= _ENCRYPTED_MIN and datagram[:4] == ENCRYPTED_MAGIC
 
 
 def decode_request(
@@ -526,9 +572,10 @@ def decode_request(
     public key, MAC failure.
     """
     data = bytes(datagram)
-    if len(data) < COMMAND_SIZE:
-        raise FuzzyProtocolError(f"request of {len(data)} bytes is truncated")
-    if not is_encrypted(data):
+    size = len(data)
+    if size < COMMAND_SIZE:
+        raise FuzzyProtocolError(f"request of {size} bytes is truncated")
+    if size < _ENCRYPTED_MIN or data[:4] != ENCRYPTED_MAGIC:  # is_encrypted(), inlined
         command, epoch = decode_command(data, multi_flag)
         return FuzzyRequest(command, epoch)
     key_id = data[4:12]
@@ -687,6 +734,46 @@ def encode_reply(
         return body
     nonce = random_bytes(NONCE_BYTES)
     ciphertext, mac = encrypt_nm(body, nonce, request.encryption.nm)
+    return nonce + mac + ciphertext
+
+
+def encode_reply_values(
+    request: FuzzyRequest,
+    value: int,
+    flag: int,
+    prob: float,
+    digest: bytes,
+    ts: int,
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> bytes:
+    """Server side: ``encode_reply(request, FuzzyReply(value, flag, tag, prob, digest, ts))``
+    with the request's tag, without building the :class:`FuzzyReply`.
+
+    The same bytes and the same errors: a field out of range, a digest that
+    is not 64 bytes or a ``prob`` that does not fit a float32 raises
+    :class:`FuzzyProtocolError` (the fields are checked by :class:`FuzzyReply`
+    only when the fast checks fail).  No matched-digest marker, no extra flags.
+    """
+    tag = request.command.tag
+    if not (_I32_MIN <= value <= _I32_MAX and 0 <= flag <= _U32 and 0 <= tag <= _U32
+            and 0 <= ts <= _U32 and len(digest) == DIGEST_SIZE):
+        FuzzyReply(value, flag, tag, prob, digest, ts)  # raises the precise error
+    epoch = request.epoch
+    try:
+        if epoch is Epoch.EPOCH11:
+            body = _REPLY_EPOCH11.pack(value, flag, tag, prob, digest, ts, 0)
+        elif epoch is Epoch.EPOCH10:
+            body = _REPLY_V1.pack(value, flag, tag, prob)
+        else:
+            body = _REPLY_EPOCH12_PLAIN.pack(value, flag, tag, prob, digest, ts)
+    except (OverflowError, struct.error):
+        FuzzyReply(value, flag, tag, prob, digest, ts)  # raises the precise error
+        raise
+    encryption = request.encryption
+    if encryption is None:
+        return body
+    nonce = random_bytes(NONCE_BYTES)
+    ciphertext, mac = encrypt_nm(body, nonce, encryption.nm)
     return nonce + mac + ciphertext
 
 
