@@ -35,6 +35,7 @@ from rspamd_tx.upstreams.balancer import (
     Balancer,
     BalancerEvent,
     CallResult,
+    Deadlines,
     Limits,
     NoUpstreamAvailable,
     StateChange,
@@ -1500,3 +1501,84 @@ class StateInvariantTests(unittest.TestCase):
                 self.assertGreaterEqual(upstream.inflight, 0)
                 self.assertGreaterEqual(upstream.available_tokens, 0)
                 self.assertLessEqual(upstream.available_tokens, balancer.limits.token_bucket_max)
+
+
+class DeadlinesTests(unittest.TestCase):
+    """Deadlines: many timeouts on one delayed call."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.deadlines = Deadlines(self.clock)
+        self.expired: list[str] = []
+
+    def arm(self, key: str, seconds: float) -> None:
+        self.deadlines.set(key, seconds, lambda: self.expired.append(key))
+
+    def test_expires_at_its_time(self) -> None:
+        """A timeout fires exactly after its seconds, once, and leaves no delayed call."""
+        self.arm("a", 30)
+        self.clock.advance(29.9)
+        self.assertEqual(self.expired, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.expired, ["a"])
+        self.assertNotIn("a", self.deadlines)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_one_delayed_call_for_many(self) -> None:
+        """Several armed timeouts share one delayed call, due at the earliest."""
+        self.arm("late", 50)
+        self.arm("early", 10)
+        self.arm("middle", 20)
+        [call] = self.clock.getDelayedCalls()
+        self.assertEqual(call.getTime(), 10)
+        self.clock.advance(10)
+        self.assertEqual(self.expired, ["early"])
+        self.clock.advance(10)
+        self.assertEqual(self.expired, ["early", "middle"])
+        self.clock.advance(30)
+        self.assertEqual(self.expired, ["early", "middle", "late"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_set_again_postpones(self) -> None:
+        """Arming a key again replaces its deadline, later or earlier."""
+        self.arm("a", 30)
+        self.clock.advance(29)
+        self.arm("a", 30)
+        self.clock.advance(29)
+        self.assertEqual(self.expired, [])
+        self.clock.advance(1)
+        self.assertEqual(self.expired, ["a"])
+        self.arm("b", 100)
+        self.arm("b", 5)
+        self.clock.advance(5)
+        self.assertEqual(self.expired, ["a", "b"])
+
+    def test_cancel(self) -> None:
+        """A cancelled timeout never fires; the last cancel removes the delayed call."""
+        self.arm("a", 10)
+        self.arm("b", 20)
+        self.deadlines.cancel("a")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.deadlines.cancel("b")
+        self.deadlines.cancel("never armed")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(100)
+        self.assertEqual(self.expired, [])
+
+    def test_same_time_in_arming_order(self) -> None:
+        """Timeouts due together expire in the order they were armed."""
+        for key in ("x", "y", "z"):
+            self.arm(key, 5)
+        self.clock.advance(5)
+        self.assertEqual(self.expired, ["x", "y", "z"])
+
+    def test_expiry_may_arm_and_cancel(self) -> None:
+        """A callback arming a later timeout does not delay an earlier one still armed."""
+        self.deadlines.set("first", 10, lambda: self.arm("again", 100))
+        self.arm("second", 20)
+        self.clock.advance(10)
+        self.clock.advance(10)
+        self.assertEqual(self.expired, ["second"])
+        self.clock.advance(90)
+        self.assertEqual(self.expired, ["second", "again"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -11,7 +11,8 @@ from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorUNIX
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -30,6 +31,7 @@ from rspamd_tx.upstreams.http_client import (
     ScannerError,
     ScannerResponse,
     ScannerTimeout,
+    StreamPort,
     write_now,
 )
 from tests.helpers.messages import GTUBE_MESSAGE
@@ -555,6 +557,236 @@ class LoopbackTests(unittest.TestCase):
         with self.assertRaises(ConnectError) as caught:
             yield self._client().request(("127.0.0.1", number), "GET", "/ping", [], timeout=5)
         self.assertEqual(caught.exception.reason, "IO write error: Connection refused")
+
+
+class TwistedTransportLoopbackTests(LoopbackTests):
+    """The loopback tests with the reactor's own TCP and unix transports."""
+
+    def _client(self) -> ScannerClient:
+        from twisted.internet import reactor
+
+        client = ScannerClient(reactor, idle_timeout=5, direct_sockets=False)
+        self.addCleanup(client.close)
+        return client
+
+
+class DirectSocketChoiceTests(unittest.TestCase):
+    """When the client connects with SocketStream."""
+
+    def test_real_reactor_only(self) -> None:
+        """Direct sockets by default on a real reactor, never on a fake one."""
+        from twisted.internet import reactor
+
+        self.assertTrue(ScannerClient(reactor).direct_sockets)
+        self.assertFalse(ScannerClient(MemoryReactorClock()).direct_sockets)
+
+    def test_host_names_left_to_the_reactor(self) -> None:
+        """Numeric and unix addresses are dialled directly; names and scoped IPv6 are not."""
+        from twisted.internet import reactor
+
+        client = ScannerClient(reactor)
+        self.assertIsNotNone(client._direct_target(("tcp", "127.0.0.1", 1)))
+        self.assertIsNotNone(client._direct_target(("tcp", "::1", 1)))
+        self.assertIsNotNone(client._direct_target(("unix", "/run/x.sock", 0)))
+        self.assertIsNone(client._direct_target(("tcp", "localhost", 1)))
+        self.assertIsNone(client._direct_target(("tcp", "fe80::1%lo", 1)))
+
+    @inlineCallbacks
+    def test_host_name_connects(self) -> Any:
+        """A request to a host name goes through the reactor's connectTCP and works."""
+        from twisted.internet import reactor
+
+        factory = _TinyScannerFactory(close=True)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        client = ScannerClient(reactor)
+        self.addCleanup(client.close)
+        reply = yield client.request(("localhost", address.port), "GET", "/ping", [], timeout=5)
+        self.assertEqual(reply.body, b"GET /ping b''")
+
+
+class _Recorder(Protocol):
+    """Server side of StreamPort tests: records events; ``factory.answer`` reacts to data."""
+
+    def connectionMade(self) -> None:
+        self.received = b""
+        self.lost: list[Failure] = []
+        self.factory.made.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        self.factory.answer(self, data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.append(reason)
+
+
+class _RecorderFactory(ServerFactory):
+    protocol = _Recorder
+
+    def __init__(self, answer: Any = None) -> None:
+        self.made: list[_Recorder] = []
+        self.answer = answer or (lambda protocol, data: None)
+        self.refuse = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.refuse:
+            return None
+        return ServerFactory.buildProtocol(self, addr)
+
+
+class _Collector(Protocol):
+    """Client side: sends ``request`` once connected, collects the reply until closed."""
+
+    def __init__(self, request: bytes, half_close: bool = False) -> None:
+        self.request = request
+        self.half_close = half_close
+        self.received = b""
+        self.reason: Failure | None = None
+        self.done: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.request)
+        if self.half_close:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reason = reason
+        self.done.callback(None)
+
+
+class StreamPortTests(unittest.TestCase):
+    """StreamPort and SocketStream serving real loopback connections."""
+
+    def _serve(self, factory: _RecorderFactory) -> tuple[StreamPort, int]:
+        from twisted.internet import reactor
+
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        port = StreamPort.adopt(reactor, listening.fileno(), socket.AF_INET, factory)
+        listening.close()  # the port serves its own duplicate
+        self.addCleanup(port.stopListening)
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        return port, address.port
+
+    def _connect(self, number: int, request: bytes, half_close: bool = False) -> _Collector:
+        from twisted.internet import reactor
+        from twisted.internet.protocol import ClientCreator
+
+        collector = _Collector(request, half_close)
+        ClientCreator(reactor, lambda: collector).connectTCP("127.0.0.1", number)
+        return collector
+
+    @inlineCallbacks
+    def test_large_reply_then_close(self) -> Any:
+        """A reply far larger than the socket buffers arrives whole; the close waits for it
+        and the protocol hears of it on a later turn, once."""
+        payload = bytes(range(256)) * 16384
+        notified_at_once: list[int] = []
+
+        def answer(protocol: _Recorder, data: bytes) -> None:
+            if protocol.received.endswith(b"go"):
+                assert protocol.transport is not None
+                write_now(protocol.transport, b"head:", payload)
+                protocol.transport.loseConnection()
+                notified_at_once.append(len(protocol.lost))
+
+        factory = _RecorderFactory(answer)
+        _, number = self._serve(factory)
+        collector = self._connect(number, b"go")
+        yield collector.done
+        assert collector.reason is not None
+        self.assertTrue(collector.reason.check(twisted_error.ConnectionDone))
+        self.assertEqual(collector.received, b"head:" + payload)
+        [server] = factory.made
+        self.assertEqual(notified_at_once, [0])
+        self.assertEqual(len(server.lost), 1)
+        self.assertTrue(server.lost[0].check(twisted_error.ConnectionDone))
+
+    @inlineCallbacks
+    def test_addresses(self) -> Any:
+        """The transport knows both ends."""
+
+        def answer(protocol: _Recorder, data: bytes) -> None:
+            assert protocol.transport is not None
+            peer = protocol.transport.getPeer()
+            host = protocol.transport.getHost()
+            assert isinstance(peer, IPv4Address) and isinstance(host, IPv4Address)
+            protocol.transport.write(f"{peer.host} {host.host}:{host.port}".encode())
+            protocol.transport.loseConnection()
+
+        _, number = self._serve(_RecorderFactory(answer))
+        collector = self._connect(number, b"x")
+        yield collector.done
+        self.assertEqual(collector.received, f"127.0.0.1 127.0.0.1:{number}".encode())
+
+    @inlineCallbacks
+    def test_peer_close_reported(self) -> Any:
+        """A client closing its side: the protocol gets its bytes, then ConnectionDone."""
+        factory = _RecorderFactory()
+        _, number = self._serve(factory)
+        collector = self._connect(number, b"bye", half_close=True)
+        yield collector.done
+        while not factory.made or not factory.made[0].lost:
+            yield deferLater(self._reactor(), 0.01, lambda: None)
+        [server] = factory.made
+        self.assertEqual(server.received, b"bye")
+        self.assertTrue(server.lost[0].check(twisted_error.ConnectionDone))
+
+    @inlineCallbacks
+    def test_abort(self) -> Any:
+        """abortConnection resets the connection; the protocol hears ConnectionAborted later."""
+
+        def answer(protocol: _Recorder, data: bytes) -> None:
+            assert protocol.transport is not None
+            protocol.transport.abortConnection()  # type: ignore[attr-defined]
+            self.assertEqual(protocol.lost, [])
+
+        factory = _RecorderFactory(answer)
+        _, number = self._serve(factory)
+        collector = self._connect(number, b"x")
+        yield collector.done
+        assert collector.reason is not None
+        self.assertFalse(collector.reason.check(twisted_error.ConnectionDone))
+        yield deferLater(self._reactor(), 0, lambda: None)
+        self.assertTrue(factory.made[0].lost[0].check(twisted_error.ConnectionAborted))
+
+    @inlineCallbacks
+    def test_refused_by_factory(self) -> Any:
+        """A connection the factory builds no protocol for is closed at once."""
+        factory = _RecorderFactory()
+        factory.refuse = True
+        _, number = self._serve(factory)
+        collector = self._connect(number, b"x")
+        yield collector.done
+        self.assertEqual((collector.received, factory.made), (b"", []))
+
+    @inlineCallbacks
+    def test_stop_listening(self) -> Any:
+        """Stopping closes the socket and stops the factory; connections are then refused."""
+        factory = _RecorderFactory()
+        port, number = self._serve(factory)
+        self.assertEqual(factory.numPorts, 1)
+        yield port.stopListening()
+        self.assertEqual((factory.numPorts, port.fileno()), (0, -1))
+        with self.assertRaises(twisted_error.ConnectionRefusedError):
+            from twisted.internet import reactor
+            from twisted.internet.protocol import ClientCreator
+
+            yield ClientCreator(reactor, Protocol).connectTCP("127.0.0.1", number)
+
+    def _reactor(self) -> Any:
+        from twisted.internet import reactor
+
+        return reactor
 
 
 class RealRspamdTests(unittest.TestCase):

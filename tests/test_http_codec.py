@@ -854,6 +854,112 @@ class FuzzTests(unittest.TestCase):
             pass
 
 
+def _outcome(parser: RequestParser | ResponseParser, pieces: Sequence[bytes]) -> list[Event] | int:
+    """The events a parser gives for ``pieces`` (then end of input), or the status
+    of the error that stopped it (events of a ``feed`` that raises are lost, so
+    those before an error depend on how the input was split)."""
+    events: list[Event] = []
+    try:
+        for piece in pieces:
+            events.extend(parser.feed(piece))
+        events.extend(parser.feed_eof())
+    except HttpProtocolError as exc:
+        return exc.status
+    return _merge(events)
+
+
+@st.composite
+def _crafted_heads(draw: st.DrawFn, start_lines: Sequence[bytes]) -> bytes:
+    """A message start with header lines of token-ish names, odd blanks and
+    characters, CRLF or bare LF endings, then a few body bytes."""
+    line_names = st.sampled_from(
+        [b"Host", b"Rcpt", b"Content-Length", b"content-length", b"Connection",
+         b"Transfer-Encoding", b"X-A", b"Bad Name", b"", b"N\x00", b"\xe9t\xe9"]
+    )
+    values = st.sampled_from(
+        [b"3", b" 3 ", b"\t5", b"close", b"keep-alive, close", b"chunked", b"a:b", b"",
+         b"x\ry", b"nul\x00", b"\xff\xfe", b"  spaced  value \t"]
+    )
+    endings = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n"])
+    head = draw(st.sampled_from(start_lines)) + draw(endings)
+    for _ in range(draw(st.integers(0, 6))):
+        line = draw(line_names) + draw(st.sampled_from([b":", b": ", b" :", b""])) + draw(values)
+        if draw(st.booleans()) and draw(st.booleans()):
+            line = b" " + line
+        head += line + draw(endings)
+    return head + draw(endings) + draw(st.binary(max_size=12))
+
+
+class DirectPathTests(unittest.TestCase):
+    """A message start that arrives whole is parsed in one pass: the outcome is
+    always the one of the line-by-line parser (bytes fed one at a time)."""
+
+    @settings(max_examples=400, deadline=None)
+    @given(
+        st.one_of(
+            _mutated(_VALID_REQUESTS),
+            _crafted_heads([b"POST /checkv2 HTTP/1.1", b"GET /ping HTTP/1.0", b"CHECK RSPAMC/1.3",
+                            b"PROCESS SPAMC/1.5", b"POST /a b HTTP/1.1", b"GET / HTTP/2.0"]),
+        ),
+        st.booleans(),
+    )
+    def test_request_whole_like_byte_by_byte(self, wire: bytes, small: bool) -> None:
+        """Requests: same events and same error status whole or byte by byte."""
+        limits = FUZZ_LIMITS if small else None
+        whole = _outcome(RequestParser(limits), [wire])
+        slow = _outcome(RequestParser(limits), [wire[i : i + 1] for i in range(len(wire))])
+        self.assertEqual(whole, slow)
+
+    @settings(max_examples=400, deadline=None)
+    @given(
+        st.one_of(
+            _mutated(_VALID_RESPONSES),
+            _crafted_heads([b"HTTP/1.1 200 OK", b"HTTP/1.0 500 invalid command", b"HTTP/1.1 100 Continue",
+                            b"HTTP/1.1 204 No Content", b"HTTP/3.0 200 OK", b"HTTP/1.1 2000"]),
+        ),
+        st.booleans(),
+    )
+    def test_response_whole_like_byte_by_byte(self, wire: bytes, small: bool) -> None:
+        """Replies: same events and same error status whole or byte by byte."""
+        limits = FUZZ_LIMITS if small else None
+        whole = _outcome(ResponseParser(limits), [wire])
+        slow = _outcome(ResponseParser(limits), [wire[i : i + 1] for i in range(len(wire))])
+        self.assertEqual(whole, slow)
+
+    def test_body_passed_on_without_copies(self) -> None:
+        """Body pieces arriving on their own are handed on as they are."""
+        parser = RequestParser()
+        parser.feed(b"POST /checkv2 HTTP/1.1\r\nContent-Length: 8\r\n\r\nab")
+        piece = b"cdefgh"
+        [data, end] = parser.feed(piece)
+        assert isinstance(data, Data)
+        self.assertIs(data.chunk, piece)
+        self.assertEqual(end, EndOfMessage())
+
+    def test_pipelined_requests_after_whole_head(self) -> None:
+        """A keep-alive request parsed whole is followed by the next one in the same piece."""
+        wire = (
+            b"POST /checkv2 HTTP/1.1\r\nContent-Length: 2\r\n\r\nab"
+            b"GET /ping HTTP/1.1\r\nConnection: close\r\n\r\nignored"
+        )
+        self.assertEqual(
+            _parse_requests([wire]),
+            [
+                Request("POST", "/checkv2", "1.1", (("Content-Length", "2"),)),
+                Data(b"ab"),
+                EndOfMessage(),
+                Request("GET", "/ping", "1.1", (("Connection", "close"),)),
+                EndOfMessage(),
+            ],
+        )
+
+    def test_interim_reply_then_reply(self) -> None:
+        """A 100 Continue and the reply in one piece: only the reply is reported."""
+        wire = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        events = _parse_response([wire])
+        self.assertEqual([type(e) for e in events], [Response, Data, EndOfMessage])
+
+
 class _CaptureServer(Protocol):
     """Parses one request with RequestParser and answers like Rspamd 3.4 would."""
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.protocol import ClientCreator, Protocol, connectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -419,6 +422,60 @@ class FuzzTests(ListenerTestCase):
         protocol.connectionLost()
 
 
+_json_text = st.text(alphabet=st.sampled_from(list('ab{}[],:" \\\u00e9\n')), max_size=8)
+_json_scalar = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False), _json_text
+)
+
+
+@st.composite
+def _scan_results(draw: st.DrawFn) -> dict[str, Any]:
+    """/checkv2-like objects: scalars and nested values in any order, keys maybe missing."""
+    members: list[tuple[str, Any]] = []
+    if draw(st.booleans()):
+        members.append(("score", draw(st.one_of(st.floats(-100, 100), st.integers(-100, 100), _json_scalar))))
+    if draw(st.booleans()):
+        members.append(("action", draw(st.one_of(st.sampled_from(["no action", "reject"]), _json_scalar))))
+    for name in draw(st.lists(st.sampled_from(["is_skipped", "required_score", "message-id", "x"]), max_size=3)):
+        members.append((name, draw(_json_scalar)))
+    nested = {draw(_json_text): {"score": draw(_json_scalar), "options": [draw(_json_text)]}}
+    members.append(("symbols", nested))
+    if draw(st.booleans()):
+        members.append(("milter", {"action": draw(_json_text)}))
+    return dict(draw(st.permutations(members)))
+
+
+class VerdictTextTests(unittest.TestCase):
+    """ScanReply.verdict_text: the log line's action and score, without parsing all of a reply."""
+
+    def test_rspamd_reply_read_without_full_parse(self) -> None:
+        """An Rspamd-shaped reply gives its action and score; the body is not parsed whole."""
+        reply = json_reply()
+        self.assertEqual(reply.verdict_text(), ("add header", "4.5"))
+        self.assertEqual(reply._parsed, [])
+
+    @settings(max_examples=300, deadline=None)
+    @given(_scan_results(), st.booleans())
+    def test_same_as_full_parse(self, result: dict[str, Any], spaced: bool) -> None:
+        """For any JSON object the text is what the parsed object says."""
+        body = json.dumps(result, indent=1 if spaced else None, ensure_ascii=False).encode("utf-8")
+        expected = (str(result.get("action", "-")), str(result.get("score", "-")))
+        self.assertEqual(json_reply(body=body).verdict_text(), expected)
+
+    def test_not_an_object(self) -> None:
+        """A body that is no JSON object gives dashes."""
+        for body in (b"oops", b"[1, 2]", b"", b'{"action": "reject", '):
+            self.assertEqual(json_reply(body=body).verdict_text(), ("-", "-"), body)
+
+    def test_msgpack(self) -> None:
+        """A msgpack reply is decoded as such."""
+        reply = json_reply(
+            headers=((b"Content-Type", b"application/msgpack"),),
+            body=b"\x82\xa6action\xa6reject\xa5score\xcb@\x1e\x00\x00\x00\x00\x00\x00",
+        )
+        self.assertEqual(reply.verdict_text(), ("reject", "7.5"))
+
+
 class SniffTests(ListenerTestCase):
     """The wrong protocol at the HTTP port."""
 
@@ -548,6 +605,79 @@ class FailureTests(ListenerTestCase):
         self.scanner.deferreds[0].errback(RuntimeError("boom"))
         self.assertEqual(parse_reply(transport.value())[0].status, 500)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+@implementer(IScanner)
+class CannedScanner:
+    """Answers every scan at once with :func:`json_reply`."""
+
+    name = "canned"
+
+    def __init__(self) -> None:
+        self.requests: list[ScanRequest] = []
+
+    def scan(self, request: ScanRequest) -> Deferred[ScanReply]:
+        self.requests.append(request)
+        return succeed(json_reply())
+
+
+class _Client(Protocol):
+    """Sends a request, collects the reply until the server closes."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.done: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.done.callback(None)
+
+
+class AdoptedPortTests(unittest.TestCase):
+    """HttpListenerFactory.adopt_stream_port: the listener on a listening descriptor."""
+
+    def factory(self, clock: Any) -> tuple[HttpListenerFactory, CannedScanner]:
+        scanner = CannedScanner()
+        options = proxy_options()
+        return HttpListenerFactory(scanner, options, FailurePolicyTable(), clock), scanner
+
+    @inlineCallbacks
+    def test_real_reactor_scan(self) -> Any:
+        """On a real reactor a client's scan is relayed and answered over loopback."""
+        from twisted.internet import reactor
+
+        factory, scanner = self.factory(reactor)
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        port = factory.adopt_stream_port(reactor, listening.fileno(), socket.AF_INET)
+        listening.close()
+        self.addCleanup(port.stopListening)
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        client = _Client(checkv2(b"Rcpt: a@b\r\n"))
+        yield ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", address.port)
+        yield client.done
+        response, body = parse_reply(client.received)
+        self.assertEqual((response.status, body), (200, JSON_RESULT))
+        [request] = scanner.requests
+        self.assertEqual(request.headers[0], (b"Rcpt", b"a@b"))
+        self.assertTrue(request.client_address and request.client_address.startswith("127.0.0.1:"))
+        yield factory.drain()
+
+    def test_other_reactor(self) -> None:
+        """Any other reactor adopts the descriptor itself."""
+        reactor = MemoryReactorClock()
+        factory, _ = self.factory(reactor)
+        factory.adopt_stream_port(reactor, 7, socket.AF_INET)
+        self.assertEqual(reactor.adoptedPorts, [(7, socket.AF_INET, factory)])
 
 
 def worker_config(text: str) -> tuple[Config, WorkerConfig]:

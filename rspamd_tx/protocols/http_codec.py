@@ -62,6 +62,7 @@ __all__ = [
     "encode_request",
     "encode_request_head",
     "encode_response",
+    "encode_response_head",
     "header_value",
     "header_values",
 ]
@@ -136,18 +137,46 @@ def header_value(headers: Iterable[tuple[str, str]], name: str) -> str | None:
     return None
 
 
-def _connection_tokens(headers: Headers) -> set[str]:
-    tokens: set[str] = set()
-    for value in header_values(headers, "Connection"):
-        tokens.update(token.strip().lower() for token in value.split(","))
-    return tokens
+def _persistent(version: str, connection: Iterable[str]) -> bool:
+    """Whether a message of HTTP ``version`` with these ``Connection`` values keeps the connection:
+    HTTP/1.1 unless a ``close`` token, HTTP/1.0 with ``keep-alive`` and without ``close``."""
+    keep_alive = False
+    for value in connection:
+        for token in value.split(","):
+            token = token.strip().lower()
+            if token == "close":
+                return False
+            if token == "keep-alive":
+                keep_alive = True
+    return version == "1.1" or keep_alive
 
 
-def _persistent(version: str, headers: Headers) -> bool:
-    tokens = _connection_tokens(headers)
-    if version == "1.1":
-        return "close" not in tokens
-    return "keep-alive" in tokens and "close" not in tokens
+#: Header fields that decide the framing of a body and the connection's fate.
+_FRAMING_FIELDS = frozenset({"transfer-encoding", "content-length", "connection"})
+
+
+@dataclass
+class _FramingFields:
+    """The values of the :data:`_FRAMING_FIELDS` of one header block, in wire order."""
+
+    transfer_encoding: list[str]
+    content_length: list[str]
+    connection: list[str]
+
+
+def _framing_fields(headers: Headers) -> _FramingFields:
+    """Collect the framing fields of ``headers`` in one pass."""
+    fields = _FramingFields([], [], [])
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _FRAMING_FIELDS:
+            if lower == "connection":
+                fields.connection.append(value)
+            elif lower == "content-length":
+                fields.content_length.append(value)
+            else:
+                fields.transfer_encoding.append(value)
+    return fields
 
 
 class LegacyVariant(enum.Enum):
@@ -215,7 +244,7 @@ class Request(_HeaderLookup):
         HTTP/1.1 unless ``Connection: close``; HTTP/1.0 only with
         ``Connection: keep-alive``; never for legacy requests.
         """
-        return self.legacy is None and _persistent(self.version, self.headers)
+        return self.legacy is None and _persistent(self.version, header_values(self.headers, "Connection"))
 
 
 @dataclass(frozen=True)
@@ -268,6 +297,21 @@ _OTHER_SPAMD_VERBS = frozenset(
 )
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00]*)?")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,20}")
+#: Header names already seen to be tokens, with their lower-case form.
+_HEADER_NAMES: dict[str, str] = {}
+#: Most names :data:`_HEADER_NAMES` keeps.
+_HEADER_NAMES_KEPT = 4096
+_TOKEN_TEXT = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _learn_header_name(name: str) -> str | None:
+    """The lower-case form of a header name that is a token (remembered), else ``None``."""
+    if not _TOKEN_TEXT.fullmatch(name):
+        return None
+    lower = name.lower()
+    if len(_HEADER_NAMES) < _HEADER_NAMES_KEPT:
+        _HEADER_NAMES[name] = lower
+    return lower
 
 
 class _State(enum.Enum):
@@ -365,19 +409,19 @@ class _MessageParser(ABC):
         self._header_lines.append(line)
         return False
 
-    def _framing(self, headers: Headers, allow_close: bool) -> _Framing:
-        encodings = header_values(headers, "Transfer-Encoding")
+    def _framing(self, fields: _FramingFields, allow_close: bool) -> _Framing:
+        encodings = fields.transfer_encoding
         if encodings:
             codings = [c.strip().lower() for v in encodings for c in v.split(",") if c.strip()]
             if codings != ["chunked"]:
                 raise self._fail(501, "unsupported transfer encoding")
             return _Framing(chunked=True)
-        lengths = header_values(headers, "Content-Length")
+        lengths = fields.content_length
         if lengths:
-            values = {v.strip() for v in lengths}
-            if len(values) != 1:
+            text = lengths[0].strip()
+            if len(lengths) > 1 and any(value.strip() != text for value in lengths):
                 raise self._fail(self._error_status, "conflicting Content-Length")
-            raw = values.pop().encode("latin-1")
+            raw = text.encode("latin-1")
             if not _CONTENT_LENGTH.fullmatch(raw):
                 raise self._fail(self._error_status, "invalid Content-Length")
             length = int(raw)
@@ -427,11 +471,98 @@ class _MessageParser(ABC):
             raise HttpProtocolError(self._error_status, "parser already failed")
         if self._state is _State.DONE:
             return []
-        self._buffer += data
         events: list[Event] = []
-        while self._step(events):
-            pass
+        if not self._buffer and type(data) is bytes:
+            data = self._consume_direct(data, events)
+        if data and self._wants_input():
+            self._buffer += data
+            while self._step(events):
+                pass
         return events
+
+    def _wants_input(self) -> bool:
+        """Whether further bytes belong to a message (after the last one they are ignored)."""
+        return self._state is not _State.DONE
+
+    def _consume_direct(self, data: bytes, events: list[Event]) -> bytes:
+        """Consume a message start and body bytes straight from ``data`` (nothing buffered).
+
+        The usual case -- a whole header block with CRLF line ends, then body
+        bytes -- is handled without copying ``data`` into the line buffer:
+        a complete, well-formed head is parsed in one pass and body bytes
+        become :class:`Data` as they are.  Returns what is left for the
+        line-by-line machinery, which handles everything else (partial heads,
+        bare LF, chunked bodies, any malformed input) and reports errors.
+        """
+        while self._state is _State.START:
+            rest = self._head_direct(data, events)
+            if rest is None:
+                return data
+            data = rest
+        if self._state is _State.BODY and data:
+            remaining = self._remaining
+            if len(data) < remaining:
+                self._remaining = remaining - len(data)
+                events.append(Data(data))
+                return b""
+            events.append(Data(data if len(data) == remaining else data[:remaining]))
+            self._remaining = 0
+            self._finish(events)
+            return data[remaining:]
+        return data
+
+    def _head_direct(self, data: bytes, events: list[Event]) -> bytes | None:
+        """Parse a message start that ``data`` holds whole; the bytes after it, or
+        ``None`` (nothing consumed) when the line-by-line parser must decide.
+
+        Only a head within every bound, whose start line has no CR or LF of its
+        own and whose header lines are all CRLF-terminated, well-formed and
+        unfolded is taken here; the result is then exactly what the line-by-line
+        parser produces for it.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        limits = self.limits
+        size = end + 4
+        if size > limits.max_line or size > limits.max_header_section:
+            return None
+        first = data.find(b"\r\n")
+        line = data[:first]
+        if not line or b"\n" in line or b"\r" in line:
+            return None
+        headers: list[tuple[str, str]] = []
+        fields = _FramingFields([], [], [])
+        if first < end:
+            block = data[first + 2 : end].decode("latin-1")
+            breaks = block.count("\r\n")
+            # No CR or LF but the line breaks, no NUL anywhere.
+            if block.count("\r") != breaks or block.count("\n") != breaks or "\x00" in block:
+                return None
+            if breaks >= limits.max_header_count:
+                return None
+            names = _HEADER_NAMES
+            for text in block.split("\r\n"):
+                name, colon, value = text.partition(":")
+                if not colon:
+                    return None
+                lower = names.get(name)
+                if lower is None:
+                    lower = _learn_header_name(name)
+                    if lower is None:
+                        return None
+                value = value.strip(" \t")
+                if lower in _FRAMING_FIELDS:
+                    if lower == "connection":
+                        fields.connection.append(value)
+                    elif lower == "content-length":
+                        fields.content_length.append(value)
+                    else:
+                        fields.transfer_encoding.append(value)
+                headers.append((name, value))
+        self._start_line(line, events)
+        self._headers_complete(tuple(headers), events, fields)
+        return data[size:]
 
     def _step(self, events: list[Event]) -> bool:
         """Advance once; return False when more input is needed."""
@@ -571,8 +702,11 @@ class _MessageParser(ABC):
         """Handle the first line of a message; return True to keep stepping."""
 
     @abstractmethod
-    def _headers_complete(self, headers: Headers, events: list[Event]) -> None:
-        """Emit the message-start event and set up body framing."""
+    def _headers_complete(
+        self, headers: Headers, events: list[Event], fields: _FramingFields | None = None
+    ) -> None:
+        """Emit the message-start event and set up body framing (``fields``: the
+        framing fields of ``headers`` when the caller collected them already)."""
 
 
 class RequestParser(_MessageParser):
@@ -629,13 +763,17 @@ class RequestParser(_MessageParser):
         version = "1.1" if match.group("minor") != b"0" else "1.0"
         return match.group("method"), match.group("target").decode("latin-1"), version, None
 
-    def _headers_complete(self, headers: Headers, events: list[Event]) -> None:
+    def _headers_complete(
+        self, headers: Headers, events: list[Event], fields: _FramingFields | None = None
+    ) -> None:
         assert self._pending is not None
         method, target, version, legacy = self._pending
         self._pending = None
         request = Request(method.decode("ascii"), target, version, headers, legacy)
-        self._keep_alive = request.keep_alive
-        framing = self._framing(headers, allow_close=False)
+        if fields is None:
+            fields = _framing_fields(headers)
+        self._keep_alive = legacy is None and _persistent(version, fields.connection)
+        framing = self._framing(fields, allow_close=False)
         events.append(request)
         self._start_body(framing, events)
 
@@ -702,7 +840,9 @@ class ResponseParser(_MessageParser):
         self._state = _State.HEADERS
         return True
 
-    def _headers_complete(self, headers: Headers, events: list[Event]) -> None:
+    def _headers_complete(
+        self, headers: Headers, events: list[Event], fields: _FramingFields | None = None
+    ) -> None:
         assert self._status_line is not None
         status, reason, version = self._status_line
         self._status_line = None
@@ -712,11 +852,13 @@ class ResponseParser(_MessageParser):
             self._state = _State.START
             self._begin_message()
             return
+        if fields is None:
+            fields = _framing_fields(headers)
         if status in (204, 304):
             framing = _Framing()
         else:
-            framing = self._framing(headers, allow_close=True)
-        keep_alive = _persistent(version, headers) and not framing.until_close
+            framing = self._framing(fields, allow_close=True)
+        keep_alive = _persistent(version, fields.connection) and not framing.until_close
         events.append(Response(status, reason, headers, version, keep_alive))
         self._start_body(framing, events)
 
@@ -743,6 +885,18 @@ class ResponseParser(_MessageParser):
 # -- encoders ---------------------------------------------------------------
 
 _HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00\r\n]")
+_TARGET_FORBIDDEN = re.compile(rb"[\x00-\x20\x7f]")
+#: Names the encoders handle themselves (the body is always sent whole).
+_LENGTH_FIELDS = ("transfer-encoding", "content-length")
+
+
+def _check_header_fields(headers: Iterable[tuple[str, str]]) -> None:
+    """Raise ``ValueError`` for the first header with a bad name or value, in order."""
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name.encode("latin-1")):
+            raise ValueError(f"invalid header name {name!r}")
+        if _HEADER_VALUE_FORBIDDEN.search(value):
+            raise ValueError(f"invalid header value for {name!r}")
 
 
 def _encode_headers(headers: Iterable[tuple[str, str]], length: int | None) -> bytes:
@@ -750,29 +904,35 @@ def _encode_headers(headers: Iterable[tuple[str, str]], length: int | None) -> b
 
     A caller-supplied ``Content-Length`` keeps its position but gets the true
     value (later duplicates are dropped); otherwise it is appended.  Any
-    ``Transfer-Encoding`` is dropped since the body is sent whole.
+    ``Transfer-Encoding`` is dropped since the body is sent whole.  Raises
+    ``ValueError`` for a name that is not a token or a value with NUL, CR or LF.
     """
-    out = bytearray()
+    if not isinstance(headers, (list, tuple)):
+        headers = tuple(headers)
+    lines: list[str] = []
     length_written = length is None
+    names = _HEADER_NAMES
     for name, value in headers:
-        raw_name = name.encode("latin-1")
-        if not _TOKEN.fullmatch(raw_name):
-            raise ValueError(f"invalid header name {name!r}")
-        if _HEADER_VALUE_FORBIDDEN.search(value):
-            raise ValueError(f"invalid header value for {name!r}")
-        lower = name.lower()
-        if lower == "transfer-encoding":
-            continue
-        if lower == "content-length":
-            if length_written:
+        lower = names.get(name)
+        if lower is None:
+            lower = _learn_header_name(name)
+            if lower is None:
+                _check_header_fields(headers)
+                raise ValueError(f"invalid header name {name!r}")
+        if lower in _LENGTH_FIELDS:
+            if lower == "transfer-encoding" or length_written:
                 continue
             value = str(length)
             length_written = True
-        out += raw_name + b": " + value.encode("latin-1") + b"\r\n"
+        lines.append(f"{name}: {value}\r\n")
+    text = "".join(lines)
+    count = len(lines)
+    # Every line brings exactly one CR and one LF: any other is in a value.
+    if text.count("\n") != count or text.count("\r") != count or "\x00" in text:
+        _check_header_fields(headers)
     if not length_written:
-        out += b"Content-Length: " + str(length).encode("ascii") + b"\r\n"
-    out += b"\r\n"
-    return bytes(out)
+        text += f"Content-Length: {length}\r\n"
+    return (text + "\r\n").encode("latin-1")
 
 
 def encode_request(
@@ -808,7 +968,7 @@ def encode_request_head(
     raw_target = target.encode("latin-1")
     if not _TOKEN.fullmatch(raw_method):
         raise ValueError(f"invalid method {method!r}")
-    if not raw_target or re.search(rb"[\x00-\x20\x7f]", raw_target):
+    if not raw_target or _TARGET_FORBIDDEN.search(raw_target):
         raise ValueError(f"invalid target {target!r}")
     if version not in ("1.0", "1.1"):
         raise ValueError(f"unsupported version {version!r}")
@@ -828,12 +988,27 @@ def encode_response(
     pass them first to reproduce that order.  Raises ``ValueError`` for a status
     outside 100–999 or a reason/header with control characters.
     """
+    return encode_response_head(status, reason, headers, len(body)) + body
+
+
+def encode_response_head(
+    status: int,
+    reason: str,
+    headers: Iterable[tuple[str, str]],
+    length: int,
+) -> bytes:
+    """The bytes :func:`encode_response` puts before a body of ``length`` bytes.
+
+    Lets a server hand a body to the transport as it is, after the head,
+    instead of copying it into one buffer.  Raises ``ValueError`` as
+    :func:`encode_response` does.
+    """
     if not 100 <= status <= 999:
         raise ValueError(f"invalid status {status}")
     if _HEADER_VALUE_FORBIDDEN.search(reason):
         raise ValueError(f"invalid reason {reason!r}")
     start = f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
-    return start + _encode_headers(headers, len(body)) + body
+    return start + _encode_headers(headers, length)
 
 
 def _spamc_content_length(body: bytes) -> int:

@@ -49,18 +49,19 @@ import ipaddress
 import json
 import random
 from email.utils import formatdate
+from functools import lru_cache
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rspamd_tx import __version__
 from rspamd_tx.config.workers import ProxyOptions
-from rspamd_tx.logging import tagged_logger
 from rspamd_tx.metrics import ProxyMetrics
 from rspamd_tx.protocols.http_codec import (
     Data,
@@ -70,7 +71,7 @@ from rspamd_tx.protocols.http_codec import (
     LegacyVariant,
     Request,
     RequestParser,
-    encode_response,
+    encode_response_head,
 )
 from rspamd_tx.protocols.legacy_reply import legacy_reply
 from rspamd_tx.protocols.sniff import SNIFF_LIMIT, Kind, classify
@@ -83,7 +84,8 @@ from rspamd_tx.proxy.scanning import (
     ScanReply,
     ScanRequest,
 )
-from rspamd_tx.upstreams.http_client import write_now
+from rspamd_tx.upstreams.balancer import Deadlines
+from rspamd_tx.upstreams.http_client import StreamPort, write_now
 
 __all__ = [
     "HttpListenerFactory",
@@ -123,15 +125,26 @@ def address_text(address: IAddress) -> str:
 def hash_key(address: IAddress) -> bytes:
     """The ``hash:`` balancing key of a client: its raw IP bytes (unix peers: 127.0.0.1)."""
     if isinstance(address, (IPv4Address, IPv6Address)):
-        try:
-            return ipaddress.ip_address(address.host.split("%", 1)[0]).packed
-        except ValueError:
-            return address.host.encode("latin-1", "replace")
-    return ipaddress.ip_address("127.0.0.1").packed
+        return _packed_host(address.host)
+    return _LOCALHOST_PACKED
+
+
+_LOCALHOST_PACKED = ipaddress.ip_address("127.0.0.1").packed
+
+
+@lru_cache(maxsize=4096)
+def _packed_host(host: str) -> bytes:
+    """The raw bytes of an address text (zone dropped); the text itself when it is none."""
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).packed
+    except ValueError:
+        return host.encode("latin-1", "replace")
 
 
 #: Bytes of the connection's start kept to quote a bad request line in the log.
 _PREFIX_KEPT = 200
+#: How most connections start; :func:`~rspamd_tx.protocols.sniff.classify` calls it HTTP.
+_USUAL_START = b"POST /"
 
 
 class _DateCache:
@@ -164,17 +177,62 @@ def _path(target: str) -> str:
 _LOCAL_SOURCES = ("file", "path", "shm")
 
 
-def _local_source(request: Request) -> str | None:
-    """The local source a request names (``file``, ``path``, ``shm``), if any."""
-    for name, _ in request.headers:
-        if name.lower() in _LOCAL_SOURCES:
-            return name.lower()
-    _, _, query = request.target.partition("?")
+#: Request headers the listener looks at itself: encryption, local sources, routing.
+_SCREENED = frozenset({"key", "host", *_LOCAL_SOURCES})
+
+
+def _query_source(target: str) -> str | None:
+    """The local source a request target's query names (``file``, ``path``, ``shm``), if any."""
+    _, _, query = target.partition("?")
     for parameter in query.split("&"):
         key = parameter.split("=", 1)[0].lower()
         if key in _LOCAL_SOURCES:
             return key
     return None
+
+
+#: Where a request's headers are screened: (relayed headers as bytes, has ``Key``,
+#: first local source header, first ``Host`` value).
+_Screened = tuple[tuple[tuple[bytes, bytes], ...], bool, str | None, str | None]
+
+
+def _screen(request: Request) -> _Screened:
+    """One pass over a request's headers: their bytes for the scanner, and what
+    the listener decides on (``Key``, the first local source, the first ``Host``)."""
+    relayed: list[tuple[bytes, bytes]] = []
+    encrypted = False
+    source: str | None = None
+    host: str | None = None
+    names = _NAME_FORMS
+    for name, value in request.headers:
+        forms = names.get(name)
+        if forms is None:
+            forms = _name_forms(name)
+        raw_name, lower = forms
+        if lower in _SCREENED:
+            if lower == "key":
+                encrypted = True
+            elif lower == "host":
+                if host is None:
+                    host = value
+            elif source is None:
+                source = lower
+        relayed.append((raw_name, value.encode("latin-1")))
+    return tuple(relayed), encrypted, source, host
+
+
+#: Header name → its bytes and its lower-case form, for names seen before.
+_NAME_FORMS: dict[str, tuple[bytes, str]] = {}
+#: Most names :data:`_NAME_FORMS` keeps.
+_NAME_FORMS_KEPT = 4096
+
+
+def _name_forms(name: str) -> tuple[bytes, str]:
+    """The bytes and the lower-case form of a header name (remembered)."""
+    forms = (name.encode("latin-1"), name.lower())
+    if len(_NAME_FORMS) < _NAME_FORMS_KEPT:
+        _NAME_FORMS[name] = forms
+    return forms
 
 
 class HttpProxyProtocol(Protocol):
@@ -188,8 +246,8 @@ class HttpProxyProtocol(Protocol):
         self._kind: Kind | None = None
         self._parser: RequestParser | None = None
         self._request: Request | None = None
+        self._route: str | None = None
         self._body: list[bytes] = []
-        self._timer: IDelayedCall | None = None
         self._scan: Deferred[ScanReply] | None = None
         self._closed = False
         self._answered = False
@@ -197,7 +255,6 @@ class HttpProxyProtocol(Protocol):
         self._peer: IAddress | None = None
         self.tag = _session_tag()
         self.client = "unknown"
-        self._log = tagged_logger(self.tag, namespace=__name__)
 
     # -- connection events ------------------------------------------------------
 
@@ -212,36 +269,43 @@ class HttpProxyProtocol(Protocol):
         self._arm_timer()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._answered or self._closed or self._request_complete():
+        if self._answered or self._closed or self._scan is not None:
             return
-        self._arm_timer()
-        if len(self._prefix) < _PREFIX_KEPT:
-            self._prefix += data[: _PREFIX_KEPT - len(self._prefix)]
-        if self._kind is None:
-            self._head += data
-            kind = classify(self._head)
-            if kind is None and len(self._head) < SNIFF_LIMIT:
-                return
-            self._kind = kind if kind is not None else Kind.UNKNOWN
-            if self._kind in _SNIFF_MISTAKES:
-                self._reject(_SNIFF_MISTAKES[self._kind], reply=None)
-                return
-            data, self._head = self._head, b""
-        self._feed(data)
+        self._receive(data)
+        if not (self._answered or self._closed or self._scan is not None):
+            # Still waiting for the rest of the request: the client has
+            # another ``timeout`` to send it.
+            self._arm_timer()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self._cancel_timer()
         scan, self._scan = self._scan, None
         if scan is not None:
-            self._log.info("client {client} went away during the scan", client=self.client)
+            log.info("client {client} went away during the scan", client=self.client, log_tag=self.tag)
             scan.cancel()
         self.factory.connection_closed(self)
 
     # -- parsing ----------------------------------------------------------------
 
-    def _request_complete(self) -> bool:
-        return self._scan is not None
+    def _receive(self, data: bytes) -> None:
+        if len(self._prefix) < _PREFIX_KEPT:
+            self._prefix += data[: _PREFIX_KEPT - len(self._prefix)]
+        if self._kind is None:
+            if not self._head and data.startswith(_USUAL_START):
+                # What classify() says of these bytes, without looking at them.
+                self._kind = Kind.HTTP
+            else:
+                self._head += data
+                kind = classify(self._head)
+                if kind is None and len(self._head) < SNIFF_LIMIT:
+                    return
+                self._kind = kind if kind is not None else Kind.UNKNOWN
+                if self._kind in _SNIFF_MISTAKES:
+                    self._reject(_SNIFF_MISTAKES[self._kind], reply=None)
+                    return
+                data, self._head = self._head, b""
+        self._feed(data)
 
     def _feed(self, data: bytes) -> None:
         assert self._parser is not None
@@ -251,11 +315,11 @@ class HttpProxyProtocol(Protocol):
             self._protocol_error(exc)
             return
         for event in events:
-            if isinstance(event, Request):
-                self._request = event
-            elif isinstance(event, Data):
+            if type(event) is Data:
                 self._body.append(event.chunk)
-            elif isinstance(event, EndOfMessage):
+            elif type(event) is Request:
+                self._request = event
+            elif type(event) is EndOfMessage:
                 self._cancel_timer()
                 request, body = self._request, b"".join(self._body)
                 self._body = []
@@ -269,9 +333,9 @@ class HttpProxyProtocol(Protocol):
     def _protocol_error(self, exc: HttpProtocolError) -> None:
         if exc.status == 413:
             failure = ScanFailure(FailureClass.OVERSIZE, 413, "Request entity too large")
-            self._log.warn(
+            log.warn(
                 "client {client}: message larger than max_message ({limit} bytes)",
-                client=self.client, limit=self.factory.options.max_message,
+                client=self.client, limit=self.factory.options.max_message, log_tag=self.tag,
             )
             self._answer_failure(failure, self._request, outcome_if_error="rejected")
             return
@@ -291,27 +355,30 @@ class HttpProxyProtocol(Protocol):
     # -- dispatch ---------------------------------------------------------------
 
     def _dispatch(self, request: Request, body: bytes) -> None:
-        if request.legacy is None and _path(request.target) == "ping":
-            self._write(self._http_reply(200, "OK", b"text/plain", (), PONG))
+        legacy = request.legacy
+        if legacy is None and _path(request.target) == "ping":
+            self._write_reply(200, "OK", b"text/plain", (), PONG)
             self._finish("local", request, status=200)
             return
-        if request.get("Key") is not None:
+        headers, encrypted, source, host = _screen(request)
+        if encrypted:
             self._reject("encrypted (HTTPCrypt) request: no keypair to decrypt it", reply=None)
             return
-        source = _local_source(request)
+        if source is None:
+            source = _query_source(request.target)
         if source is not None:
             self._reject(
                 f"refusing to relay a scan of a local {source} named by the client",
                 reply=(403, "Local sources are not relayed"),
             )
             return
-        headers = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in request.headers)
-        route = request.get("Host") if request.legacy is None else None
+        route = host if legacy is None else None
+        self._route = route
         assert self._peer is not None
         scan_request = ScanRequest(
             headers=headers,
             body=body,
-            method=b"POST" if request.legacy is not None else request.method.encode("ascii"),
+            method=b"POST" if legacy is not None else request.method.encode("ascii"),
             target=request.target.encode("latin-1") or b"/checkv2",
             route=route.encode("latin-1") if route is not None else None,
             hash_key=hash_key(self._peer),
@@ -323,35 +390,38 @@ class HttpProxyProtocol(Protocol):
             metrics.request_started()
         scan = maybeDeferred(self.factory.scanner.scan, scan_request)
         self._scan = scan
-        scan.addCallbacks(self._scanned, self._scan_failed, callbackArgs=(request,), errbackArgs=(request,))
-        scan.addErrback(lambda failure: self._log.failure("answering the scan failed", failure))
+        scan.addCallbacks(self._scanned, self._scan_failed)
+        scan.addErrback(self._answering_failed)
 
-    def _scanned(self, reply: ScanReply, request: Request) -> None:
+    def _scanned(self, reply: ScanReply) -> None:
         self._scan = None
         if self._closed:
             self._count("aborted", scanned=True)
             return
+        request = self._request
+        assert request is not None
         content_type = reply.content_type()
-        payload: bytes | None = None
         if request.legacy is not None and b"json" in content_type.lower():
             try:
                 payload = legacy_reply(request.legacy.variant, reply.result())
             except ValueError:
-                self._log.warn("cannot parse results from {upstream}; relaying them as they are",
-                               upstream=reply.upstream)
-        if payload is None:
-            extra = tuple(
-                (n.decode("latin-1"), v.decode("latin-1"))
-                for n, v in reply.headers
-                if n.lower() != b"content-type"
-            )
-            payload = self._http_reply(
-                reply.status, reply.reason.decode("latin-1"), content_type or None, extra, reply.body
-            )
-        self._write(payload)
+                log.warn("cannot parse results from {upstream}; relaying them as they are",
+                         upstream=reply.upstream, log_tag=self.tag)
+            else:
+                self._write(payload)
+                self._finish("scanned", request, status=reply.status, reply=reply, scanned=True)
+                return
+        extra = tuple(
+            (n.decode("latin-1"), v.decode("latin-1"))
+            for n, v in reply.headers
+            if n.lower() != b"content-type"
+        )
+        self._write_reply(
+            reply.status, reply.reason.decode("latin-1"), content_type or None, extra, reply.body
+        )
         self._finish("scanned", request, status=reply.status, reply=reply, scanned=True)
 
-    def _scan_failed(self, failure: Failure, request: Request) -> None:
+    def _scan_failed(self, failure: Failure) -> None:
         self._scan = None
         if self._closed or failure.check(CancelledError):
             self._count("aborted", scanned=True)
@@ -359,9 +429,12 @@ class HttpProxyProtocol(Protocol):
         if isinstance(failure.value, ScanFailure):
             scan_failure = failure.value
         else:
-            self._log.failure("scanner failed unexpectedly", failure)
+            log.failure("scanner failed unexpectedly", failure, log_tag=self.tag)
             scan_failure = ScanFailure(FailureClass.BAD_REPLY, 500, "Internal error")
-        self._answer_failure(scan_failure, request, outcome_if_error="failed", scanned=True)
+        self._answer_failure(scan_failure, self._request, outcome_if_error="failed", scanned=True)
+
+    def _answering_failed(self, failure: Failure) -> None:
+        log.failure("answering the scan failed", failure, log_tag=self.tag)
 
     def _answer_failure(
         self,
@@ -374,30 +447,29 @@ class HttpProxyProtocol(Protocol):
         action = self.factory.policy.action_for(failure)
         legacy = request.legacy.variant if request is not None and request.legacy is not None else None
         if action is FailureAction.TEMPFAIL:
-            self._write(self._http_reply(failure.status, failure.reason, b"text/plain", (), b""))
+            self._write_reply(failure.status, failure.reason, b"text/plain", (), b"")
             self._finish(outcome_if_error, request, status=failure.status, failure=failure, scanned=scanned)
             return
         result = synthetic_result(action, failure)
         if legacy is not None or (request is None and self._kind is Kind.LEGACY):
             variant = legacy if legacy is not None else LegacyVariant.RSPAMC
-            payload = legacy_reply(variant, result)
+            self._write(legacy_reply(variant, result))
         else:
-            payload = self._http_reply(
-                200, "OK", b"application/json", (), json.dumps(result).encode("utf-8")
-            )
-        self._write(payload)
+            self._write_reply(200, "OK", b"application/json", (), json.dumps(result).encode("utf-8"))
         self._finish("policy", request, status=200, failure=failure, result=result, scanned=scanned)
 
     # -- replies and closing ----------------------------------------------------
 
-    def _http_reply(
+    def _write_reply(
         self,
         status: int,
         reason: str,
         content_type: bytes | None,
         extra: tuple[tuple[str, str], ...],
         body: bytes,
-    ) -> bytes:
+    ) -> None:
+        """Answer with an HTTP reply: our ``Connection``, ``Server``, ``Date`` and
+        ``Content-Length``, then ``content_type`` and ``extra``, then ``body``."""
         headers = [
             ("Connection", "close"),
             ("Server", SERVER_NAME),
@@ -407,22 +479,22 @@ class HttpProxyProtocol(Protocol):
         if content_type is not None:
             headers.append(("Content-Type", content_type.decode("latin-1")))
         headers.extend(extra)
-        return encode_response(status, reason, headers, body)
+        self._write(encode_response_head(status, reason, headers, len(body)), body)
 
-    def _write(self, payload: bytes) -> None:
+    def _write(self, *parts: bytes) -> None:
         self._answered = True
         if self.transport is not None and not self._closed:
-            write_now(self.transport, payload)
+            write_now(self.transport, *parts)
             self.transport.loseConnection()
 
     def _reject(self, why: str, reply: tuple[int, str] | None) -> None:
         """Close after a protocol problem, with Rspamd's error reply when ``reply`` is given."""
         self._cancel_timer()
-        self._log.warn("closing connection from {client}: {why}", client=self.client, why=why)
+        log.warn("closing connection from {client}: {why}", client=self.client, why=why, log_tag=self.tag)
         self._count("rejected")
         if reply is not None:
             status, reason = reply
-            self._write(self._http_reply(status, reason, b"text/plain", (), b""))
+            self._write_reply(status, reason, b"text/plain", (), b"")
         else:
             self._answered = True
             if self.transport is not None:
@@ -449,50 +521,41 @@ class HttpProxyProtocol(Protocol):
         action, score = "-", "-"
         if reply is not None:
             tried = reply.tried or (reply.upstream,)
-            try:
-                parsed = reply.result()
-            except (ValueError, TypeError):
-                parsed = None
-            if isinstance(parsed, dict):
-                action = str(parsed.get("action", "-"))
-                score = str(parsed.get("score", "-"))
+            action, score = reply.verdict_text()
         if failure is not None:
             tried = failure.tried
             action = f"failed ({failure.kind.value})"
         if result is not None:
             action = f"{result['action']} (policy, {failure.kind.value if failure else '-'})"
             score = str(result["score"])
-        method = "-" if request is None else (request.method if request.legacy is None else request.method + " " + request.legacy.protocol)
-        target = "-" if request is None else (request.target or "/checkv2")
-        self._log.info(
+        if request is None:
+            method = target = "-"
+        else:
+            method = request.method if request.legacy is None else request.method + " " + request.legacy.protocol
+            target = request.target or "/checkv2"
+        log.info(
             "{client} {method} {target}: upstreams [{tried}], action {action}, score {score},"
             " status {status}, {duration:.3f}s",
             client=self.client, method=method, target=target, tried=", ".join(tried),
-            action=action, score=score, status=status, duration=duration,
+            action=action, score=score, status=status, duration=duration, log_tag=self.tag,
         )
         block = None
-        if reply is not None or failure is not None:
-            block = _block_of(self.factory.scanner, request)
+        if len(tried) > 1 and (reply is not None or failure is not None):
+            # Only retries are counted per block.
+            block = _block_of(self.factory.scanner, self._route)
         self._count(outcome, scanned=scanned, block=block, tried=len(tried))
 
     # -- idle timeout -----------------------------------------------------------
 
     def _arm_timer(self) -> None:
         timeout = self.factory.options.timeout
-        if timeout <= 0:
-            return
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(timeout)
-        else:
-            self._timer = self.factory.clock.callLater(timeout, self._timed_out)
+        if timeout > 0:
+            self.factory.deadlines.set(self, timeout, self._timed_out)
 
     def _cancel_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self.factory.deadlines.cancel(self)
 
     def _timed_out(self) -> None:
-        self._timer = None
         if self._answered or self._closed:
             return
         self._reject(
@@ -501,12 +564,12 @@ class HttpProxyProtocol(Protocol):
         )
 
 
-def _block_of(scanner: IScanner, request: Request | None) -> str | None:
-    """The upstream block name a request went to, when the scanner can tell."""
+def _block_of(scanner: IScanner, host: str | None) -> str | None:
+    """The upstream block name a request with ``Host`` ``host`` (``None``: none, or
+    a legacy request) went to, when the scanner can tell."""
     route = getattr(scanner, "route", None)
-    if route is None or request is None:
+    if route is None:
         return None
-    host = request.get("Host") if request.legacy is None else None
     backend = route(host.encode("latin-1") if host is not None else None)
     return getattr(backend, "name", None)
 
@@ -525,6 +588,7 @@ class HttpListenerFactory(ServerFactory[HttpProxyProtocol]):
     Attributes:
         connections: open connections.
         dates: the ``Date`` header text, computed once per second.
+        deadlines: the idle timeouts of the connections, on one timer.
     """
 
     noisy = False
@@ -547,6 +611,7 @@ class HttpListenerFactory(ServerFactory[HttpProxyProtocol]):
         self._limits = limits if limits is not None else HttpLimits()
         self._connection_limits: HttpLimits | None = None
         self.dates = _DateCache()
+        self.deadlines = Deadlines(clock)
         self.connections: set[HttpProxyProtocol] = set()
         self._drained: list[Deferred[None]] = []
 
@@ -570,6 +635,18 @@ class HttpListenerFactory(ServerFactory[HttpProxyProtocol]):
                 max_header_section=self._limits.max_header_section,
             )
         return cached
+
+    def adopt_stream_port(self, reactor: Any, fileno: int, family: int) -> IListeningPort:
+        """Serve this factory on (a duplicate of) the listening descriptor ``fileno``.
+
+        On a real reactor the port is a :class:`~rspamd_tx.upstreams.http_client.StreamPort`,
+        whose connections cost less per request than Twisted's TCP transports;
+        on any other the reactor's own ``adoptStreamPort``.
+        """
+        if isinstance(reactor, PosixReactorBase):
+            return StreamPort.adopt(reactor, fileno, family, self)
+        port: IListeningPort = reactor.adoptStreamPort(fileno, family, self)
+        return port
 
     def update(self, options: ProxyOptions, policy: FailurePolicyTable) -> None:
         """Use new options and policy for connections from now on."""

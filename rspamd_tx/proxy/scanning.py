@@ -118,6 +118,57 @@ class ScanReply:
         result: dict[str, Any] = self._parsed[0]
         return result
 
+    def verdict_text(self) -> tuple[str, str]:
+        """The result's ``action`` and ``score`` as a log line shows them (``str`` of
+        each), ``"-"`` for one that is missing or a body that does not parse.
+
+        A JSON ``/checkv2`` reply shaped like Rspamd's (``score`` and ``action``
+        before the first nested value) is read without parsing the symbols and
+        the rest: only those leading members are parsed.  Anything else goes
+        through :meth:`result`.  (So a reply that names ``action`` again after
+        its symbols, or that is broken after them, shows its leading values.)
+        """
+        if not self._parsed and b"msgpack" not in self.content_type().lower():
+            members = _leading_members(self.body)
+            if members is not None and "action" in members and "score" in members:
+                return str(members["action"]), str(members["score"])
+        try:
+            parsed = self.result()
+        except (ValueError, TypeError):
+            return "-", "-"
+        return str(parsed.get("action", "-")), str(parsed.get("score", "-"))
+
+
+def _leading_members(body: bytes) -> dict[str, Any] | None:
+    """The members of the JSON object ``body`` that come before its first nested
+    object or array, parsed on their own; ``None`` when they cannot be.
+
+    The object is cut at the last comma before the first ``{`` or ``[`` after
+    its opening brace and closed there.  A cut that falls inside a string
+    leaves that string unterminated, so the piece then fails to parse instead
+    of giving wrong members.
+    """
+    if body[:1] != b"{":
+        return None
+    cut = body.find(b"{", 1)
+    bracket = body.find(b"[")
+    if cut < 0 or 0 <= bracket < cut:
+        cut = bracket
+    if cut < 0:
+        return None
+    comma = body.rfind(b",", 0, cut)
+    if comma < 0:
+        return None
+    try:
+        text = body[:comma].decode("utf-8") + "}"
+        members, end = _DECODER.raw_decode(text)
+    except ValueError:
+        return None
+    return members if isinstance(members, dict) and end == len(text) else None
+
+
+_DECODER = json.JSONDecoder()
+
 
 class IScanner(Interface):
     """Something that scans messages: a balanced layer of upstream scanners, or self-scan."""

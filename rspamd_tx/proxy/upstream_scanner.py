@@ -204,46 +204,84 @@ def request_headers(
     tag), ``none``/``skip`` nothing.  Header bytes are carried as ISO-8859-1
     text so every byte survives.
     """
-    extra_headers: dict[str, str] = dict(getattr(block, "extra_headers", None) or {})
+    extra_headers: dict[str, str] = getattr(block, "extra_headers", None) or {}
     keepalive: bool = getattr(block, "keepalive", False)
-    replaced = {name.lower() for name in extra_headers}
-    if block.settings_id is not None:
-        replaced.add("settings-id")
-    if compressed:
-        replaced.add("content-type")
-    headers: list[tuple[str, str]] = []
+    replaced = _replaced_names(extra_headers, block.settings_id is not None, compressed)
+    headers: list[tuple[str, str]] = [
+        ("Host", upstream_name),
+        ("Connection", "keep-alive" if keepalive else "close"),
+    ]
+    # First values, as they stand in the output, of the fields whose presence matters.
+    seen: dict[str, str] = {}
+    names = _NAME_FORMS
     for raw_name, raw_value in request.headers:
-        name = raw_name.decode("latin-1")
-        lower = name.lower()
+        forms = names.get(raw_name)
+        if forms is None:
+            forms = _name_forms(raw_name)
+        name, lower = forms
         if lower in _DROPPED_REQUEST or lower in replaced:
             continue
-        headers.append((name, raw_value.decode("latin-1")))
+        value = raw_value.decode("latin-1")
+        if lower in _NOTED_REQUEST and lower not in seen:
+            seen[lower] = value
+        headers.append((name, value))
     if block.settings_id is not None:
         headers.append(("Settings-ID", block.settings_id))
     for name, value in extra_headers.items():
+        lower = name.lower()
+        if lower in _NOTED_REQUEST and lower not in seen:
+            seen[lower] = value
         headers.append((name, value))
-    if header_value(headers, "User-Agent") is None:
+    if "user-agent" not in seen:
         headers.append(("User-Agent", user_agent))
-    if send_client_ip and request.client_address and header_value(headers, "IP") is None:
+    if send_client_ip and request.client_address and "ip" not in seen:
         headers.append(("IP", request.client_address))
-    tag = _log_tag(request, headers, block.log_tag_type or log_tag_type)
-    if tag and header_value(headers, "Log-Tag") is None:
+    tag = _log_tag(request, seen.get("queue-id"), block.log_tag_type or log_tag_type)
+    if tag and "log-tag" not in seen:
         headers.append(("Log-Tag", tag))
     if compressed:
         headers.append(("Content-Type", COMPRESSED_CONTENT_TYPE))
         headers.append(("Compression", "zstd"))
-    headers.insert(0, ("Host", upstream_name))
-    headers.insert(1, ("Connection", "keep-alive" if keepalive else "close"))
     return headers
 
 
-def _log_tag(request: ScanRequest, headers: list[tuple[str, str]], tag_type: str) -> str:
+#: Header name bytes → the name as text and in lower case, for names seen before.
+_NAME_FORMS: dict[bytes, tuple[str, str]] = {}
+#: Most names :data:`_NAME_FORMS` keeps.
+_NAME_FORMS_KEPT = 4096
+
+
+def _name_forms(raw_name: bytes) -> tuple[str, str]:
+    """A header name as text and in lower case (remembered)."""
+    name = raw_name.decode("latin-1")
+    forms = (name, name.lower())
+    if len(_NAME_FORMS) < _NAME_FORMS_KEPT:
+        _NAME_FORMS[raw_name] = forms
+    return forms
+
+
+#: Client headers whose presence changes what :func:`request_headers` adds.
+_NOTED_REQUEST = frozenset({"user-agent", "ip", "log-tag", "queue-id"})
+_NO_NAMES: frozenset[str] = frozenset()
+
+
+def _replaced_names(extra_headers: dict[str, str], settings_id: bool, compressed: bool) -> frozenset[str]:
+    """Client header names (lower case) that the block's own values replace."""
+    if not (extra_headers or settings_id or compressed):
+        return _NO_NAMES
+    replaced = {name.lower() for name in extra_headers}
+    if settings_id:
+        replaced.add("settings-id")
+    if compressed:
+        replaced.add("content-type")
+    return frozenset(replaced)
+
+
+def _log_tag(request: ScanRequest, queue_id: str | None, tag_type: str) -> str:
     if tag_type in ("none", "skip"):
         return ""
-    if tag_type in ("queue_id", "queue-id"):
-        queue_id = header_value(headers, "Queue-ID")
-        if queue_id:
-            return queue_id
+    if tag_type in ("queue_id", "queue-id") and queue_id:
+        return queue_id
     return request.log_tag
 
 
@@ -511,7 +549,7 @@ class Backend:
         """The name of the upstream ``address`` belongs to (the address text if none)."""
         assert self.balancer is not None
         for upstream in self.balancer.upstreams:
-            if address in upstream.addresses:
+            if upstream.has_address(address):
                 return upstream.name
         return str(address)
 
@@ -771,20 +809,31 @@ class UpstreamScanner:
             size=len(request.body),
             timeout=overall + 1.0,
             max_retries=retries,
-            retryable=lambda failure: failure.check(ScannerError) is not None,
-            address_failure=lambda failure: failure.check(ConnectError) is not None,
+            retryable=_scanner_error,
+            address_failure=_connect_error,
         )
+        return call.addCallbacks(_call_done, _call_failed)
 
-        def done(result: CallResult[ScannerResponse]) -> ScanReply:
-            return reply_from_response(result.value, result.upstream, result.tried)
 
-        def failed(failure: Failure) -> Failure:
-            failure.trap(NoUpstreamAvailable, UpstreamTimeout, AllAttemptsFailed)
-            error = failure.value
-            assert isinstance(error, Exception)
-            return Failure(_scan_failure(error))
+def _scanner_error(failure: Failure) -> bool:
+    """Whether an attempt failed in a way worth another upstream."""
+    return failure.check(ScannerError) is not None
 
-        return call.addCallbacks(done, failed)
+
+def _connect_error(failure: Failure) -> bool:
+    """Whether an attempt failed to connect (that counts against the address too)."""
+    return failure.check(ConnectError) is not None
+
+
+def _call_done(result: CallResult[ScannerResponse]) -> ScanReply:
+    return reply_from_response(result.value, result.upstream, result.tried)
+
+
+def _call_failed(failure: Failure) -> Failure:
+    failure.trap(NoUpstreamAvailable, UpstreamTimeout, AllAttemptsFailed)
+    error = failure.value
+    assert isinstance(error, Exception)
+    return Failure(_scan_failure(error))
 
 
 def _failed(failure: ScanFailure) -> Deferred[ScanReply]:

@@ -35,7 +35,7 @@ import enum
 import math
 import random
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Generic, Sequence, TypeVar, Union, overload
+from typing import Any, Callable, Generic, NamedTuple, Sequence, TypeVar, Union, overload
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -57,6 +57,7 @@ __all__ = [
     "Balancer",
     "BalancerEvent",
     "CallResult",
+    "Deadlines",
     "HealthChecker",
     "Limits",
     "NoUpstreamAvailable",
@@ -441,6 +442,13 @@ class Upstream:
         """Addresses in preference order (unix, IPv4, IPv6)."""
         return [slot.address for slot in self._slots]
 
+    def has_address(self, address: Address) -> bool:
+        """Whether ``address`` is one of :attr:`addresses`."""
+        for slot in self._slots:
+            if slot.address == address:
+                return True
+        return False
+
     def address_errors(self, address: Address) -> int:
         """Return the connect-error count of one of this upstream's addresses.
 
@@ -573,6 +581,7 @@ class Balancer:
     Attributes:
         observers: callables receiving every :data:`BalancerEvent`; an
             observer that raises is logged and otherwise ignored.
+        deadlines: the overall timeouts of the calls in flight, on one timer.
     """
 
     def __init__(
@@ -592,6 +601,7 @@ class Balancer:
         self.all_down = all_down
         self.strategy = upstreams.strategy
         self.observers: list[Callable[[BalancerEvent], None]] = []
+        self.deadlines = Deadlines(clock)
         self.upstreams: list[Upstream] = []
         self._alive: list[Upstream] = []
         self._started = False
@@ -1231,6 +1241,69 @@ class Balancer:
         return attempt.start()
 
 
+class Deadlines:
+    """Timeouts of many objects on one reactor timer.
+
+    :meth:`set` arms (or re-arms) the timeout of a key: ``expired()`` is
+    called once ``seconds`` have passed, unless :meth:`cancel` came first.
+    One delayed call, due at the earliest deadline, serves every key; it is
+    cancelled as soon as no timeout is armed, so an idle clock is left with
+    no delayed call.  Creating and cancelling a delayed call per timeout
+    costs far more than these dictionary updates when many run at once.
+    Timeouts due at the same time expire in the order they were armed.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._due: dict[object, tuple[float, Callable[[], object]]] = {}
+        self._call: IDelayedCall | None = None
+
+    def set(self, key: object, seconds: float, expired: Callable[[], object]) -> None:
+        """Call ``expired()`` in ``seconds`` unless ``key`` is cancelled or set again first."""
+        due = self._clock.seconds() + seconds
+        self._due[key] = (due, expired)
+        call = self._call
+        if call is None:
+            self._call = self._clock.callLater(seconds, self._fire)
+        elif due < call.getTime():
+            call.reset(seconds)
+
+    def cancel(self, key: object) -> None:
+        """Forget ``key``'s timeout (nothing happens if none is armed)."""
+        if self._due.pop(key, None) is not None and not self._due:
+            call, self._call = self._call, None
+            if call is not None:
+                call.cancel()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._due
+
+    def _fire(self) -> None:
+        self._call = None
+        now = self._clock.seconds()
+        expired = [(key, callback) for key, (due, callback) in self._due.items() if due <= now]
+        for key, _ in expired:
+            del self._due[key]
+        for _, callback in expired:
+            callback()
+        self._reschedule()
+
+    def _reschedule(self) -> None:
+        """Have the timer due at the earliest deadline left (none when none is)."""
+        call = self._call
+        if not self._due:
+            if call is not None:
+                self._call = None
+                call.cancel()
+            return
+        first = min(due for due, _ in self._due.values())
+        delay = max(0.0, first - self._clock.seconds())
+        if call is None:
+            self._call = self._clock.callLater(delay, self._fire)
+        elif call.getTime() != first:
+            call.reset(delay)
+
+
 def _default_retryable(failure: Failure) -> bool:
     return bool(getattr(failure.value, "retryable", True))
 
@@ -1239,8 +1312,7 @@ def _is_connect_error(failure: Failure) -> bool:
     return failure.check(ConnectError) is not None
 
 
-@dataclass(frozen=True)
-class _CallOptions:
+class _CallOptions(NamedTuple):
     """Parameters of one :meth:`Balancer.call` (see its docstring)."""
 
     key: bytes | None
@@ -1269,10 +1341,9 @@ class _Call(Generic[_T]):
         self.last_failure: Failure | None = None
         self.finished = False
         self.result: defer.Deferred[CallResult[_T]] = defer.Deferred(self._cancel)
-        self.timer: IDelayedCall | None = None
 
     def start(self) -> "defer.Deferred[CallResult[_T]]":
-        self.timer = self.balancer.clock.callLater(self.options.timeout, self._timed_out)
+        self.balancer.deadlines.set(self, self.options.timeout, self._timed_out)
         self._attempt()
         return self.result
 
@@ -1280,8 +1351,7 @@ class _Call(Generic[_T]):
         if self.finished:
             return
         self.finished = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        self.balancer.deadlines.cancel(self)
         if self.retry_call is not None and self.retry_call.active():
             self.retry_call.cancel()
         if isinstance(outcome, Failure):
@@ -1357,7 +1427,6 @@ class _Call(Generic[_T]):
         self.retry_call = self.balancer.clock.callLater(0, self._attempt)
 
     def _timed_out(self) -> None:
-        self.timer = None
         selection, attempt = self.selection, self.attempt
         self._stop_attempt_timer()
         self._finish(Failure(UpstreamTimeout(f"no answer within {self.options.timeout} s", self.tried)))
@@ -1368,8 +1437,7 @@ class _Call(Generic[_T]):
     def _cancel(self, _: "defer.Deferred[CallResult[_T]]") -> None:
         self.finished = True
         self._stop_attempt_timer()
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        self.balancer.deadlines.cancel(self)
         if self.retry_call is not None and self.retry_call.active():
             self.retry_call.cancel()
         if self.attempt is not None:

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable
+import socket
+import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +39,22 @@ from twisted.internet import error as twisted_error
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConnector
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IDelayedCall,
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IReadDescriptor,
+    IReadWriteDescriptor,
+    ITransport,
+)
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from rspamd_tx.protocols.http_codec import (
     Data,
@@ -53,9 +68,12 @@ from rspamd_tx.protocols.http_codec import (
     encode_request_head,
     header_values,
 )
+from rspamd_tx.upstreams.balancer import Deadlines
 
 __all__ = [
     "Address",
+    "SocketStream",
+    "StreamPort",
     "write_now",
     "BadReply",
     "ConnectError",
@@ -70,6 +88,8 @@ Address = IPv4Address | IPv6Address | UNIXAddress | tuple[str, int] | str
 socket as ``UNIXAddress`` or a path string."""
 
 _PoolKey = tuple[str, str, int]
+
+_log = Logger()
 
 
 class ScannerError(HttpStatusError):
@@ -139,6 +159,10 @@ def write_now(transport: Any, *parts: bytes) -> None:
     report on its next write), falls back to ``transport.write``.  The bytes
     and their order on the wire are the same either way.
     """
+    if type(transport) is SocketStream:
+        # It sends at once by itself.
+        transport.writeSequence(parts)
+        return
     parts = tuple(part for part in parts if part)
     if not parts:
         return
@@ -169,6 +193,520 @@ def write_now(transport: Any, *parts: bytes) -> None:
             continue
         transport.write(part[sent:] if sent else part)
         sent = 0
+
+
+#: What a stream socket reports when it goes away (shared, as Twisted's reactor shares them).
+_DONE = Failure(twisted_error.ConnectionDone())
+_LOST = Failure(twisted_error.ConnectionLost())
+_ABORTED = Failure(twisted_error.ConnectionAborted())
+#: ``SO_LINGER`` on, zero seconds: ``close()`` resets the connection.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+#: Most bytes taken from the kernel per read event (as Twisted's TCP transport).
+_READ_SIZE = 65536
+#: Errors of a non-blocking ``connect()`` that mean "not finished yet".
+_CONNECT_PENDING = frozenset({errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY})
+
+
+@implementer(ITransport, IReadWriteDescriptor)
+class SocketStream:
+    """A stream socket (TCP or unix) served straight from the reactor's descriptor sets.
+
+    Twisted's socket transports suit every use; the proxy's connections are
+    all alike -- one request, one reply, close -- and this transport does just
+    that with fewer steps per connection and per event:
+
+    * bytes written are handed to the kernel at once; what it does not take
+      is kept and sent when the socket is writable again, in order;
+    * :meth:`loseConnection` closes as soon as nothing is left to send (no
+      reactor turn is spent on an empty buffer), :meth:`abortConnection`
+      at once with a reset; either way the socket is closed right away and
+      the protocol hears of it (:meth:`IProtocol.connectionLost`) on the
+      reactor's next turn, as with Twisted's transports;
+    * the peer closing, or a socket error, closes it too and the protocol
+      hears ``ConnectionDone`` or ``ConnectionLost`` at once.
+
+    Outgoing connections start with :meth:`dial`; accepted ones are made
+    with the constructor (a connected non-blocking socket) and started with
+    :meth:`attach`.  The reactor must be a real one (``IReactorFDSet`` and
+    ``IReactorTime`` over sockets).
+
+    Attributes:
+        socket: the socket (closed once the connection is).
+        protocol: the protocol it feeds, once attached.
+        connected: attached and not closed.
+        disconnecting: :meth:`loseConnection` was called and bytes are still waiting.
+    """
+
+    def __init__(
+        self, reactor: Any, sock: socket.SocketType, peer: IAddress, host: IAddress | None = None
+    ) -> None:
+        self.reactor = reactor
+        self.socket = sock
+        self.protocol: IProtocol | None = None
+        self.connected = False
+        self.disconnecting = False
+        self._fd = sock.fileno()
+        self._peer = peer
+        self._host = host
+        self._pending: list[bytes] = []
+        self._reading = False
+        self._writing = False
+        self._closed = False
+        self._dial: tuple[Any, Callable[[SocketStream], None], Callable[[int], None]] | None = None
+
+    # -- outgoing connections ------------------------------------------------
+
+    @classmethod
+    def dial(
+        cls,
+        reactor: Any,
+        family: int,
+        sockaddr: Any,
+        peer: IAddress,
+        connected: Callable[[SocketStream], None],
+        failed: Callable[[int], None],
+    ) -> SocketStream:
+        """A stream about to connect to ``sockaddr``; :meth:`start_dial` connects it.
+
+        Once connected ``connected(stream)`` is called (it should
+        :meth:`attach` a protocol); if the connection cannot be made
+        ``failed(errno)`` is, on a later reactor turn.  Neither is called
+        after :meth:`stopConnecting`.
+        """
+        sock = socket.SocketType(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        stream = cls(reactor, sock, peer)
+        stream._dial = (sockaddr, connected, failed)
+        return stream
+
+    def start_dial(self) -> None:
+        """Start connecting; a connection that completes at once (loopback,
+        unix sockets) is reported before this returns."""
+        assert self._dial is not None
+        sockaddr = self._dial[0]
+        result = self.socket.connect_ex(sockaddr)
+        if result in _CONNECT_PENDING:
+            try:
+                # On loopback the handshake is usually over already.
+                self.socket.getpeername()
+            except OSError:
+                self._writing = True
+                self.reactor.addWriter(self)
+                return
+        elif result not in (0, errno.EISCONN):
+            self._dial_failed(result, later=True)
+            return
+        self._dialed()
+
+    def stopConnecting(self) -> None:
+        """Give up connecting; nothing is reported."""
+        if self._dial is not None:
+            self._dial = None
+            self._close()
+
+    def _dialed(self) -> None:
+        assert self._dial is not None
+        connected = self._dial[1]
+        self._dial = None
+        connected(self)
+
+    def _dial_failed(self, code: int, later: bool = False) -> None:
+        assert self._dial is not None
+        failed = self._dial[2]
+        self._dial = None
+        self._close()
+        if later:
+            self.reactor.callLater(0, failed, code)
+        else:
+            failed(code)
+
+    # -- the connection --------------------------------------------------------
+
+    def attach(self, protocol: IProtocol) -> None:
+        """Start reading and hand the connection to ``protocol`` (``makeConnection``)."""
+        self.protocol = protocol
+        self.connected = True
+        self._reading = True
+        self.reactor.addReader(self)
+        protocol.makeConnection(self)
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` after what is already waiting; the kernel gets what it takes now."""
+        if data:
+            self.writeSequence((data,))
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        """Send the parts in order (one gathering send when nothing is waiting)."""
+        if self._closed:
+            return
+        parts = [part for part in data if part]
+        if not parts:
+            return
+        if self._pending:
+            self._pending.extend(parts)
+            return
+        try:
+            sent = self.socket.send(parts[0]) if len(parts) == 1 else self.socket.sendmsg(parts)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close()
+            _notices(self.reactor).add(self, _LOST)
+            return
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            self._pending.append(part[sent:] if sent else part)
+            sent = 0
+        if self._pending and not self._writing:
+            self._writing = True
+            self.reactor.addWriter(self)
+
+    def loseConnection(self) -> None:
+        """Close once every byte written has been sent."""
+        if self._closed:
+            return
+        if self._pending:
+            self.disconnecting = True
+            return
+        self._close()
+        _notices(self.reactor).add(self, _DONE)
+
+    def abortConnection(self) -> None:
+        """Close at once with a reset, dropping what was not sent."""
+        if self._closed:
+            return
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        except OSError:
+            pass
+        self._close()
+        _notices(self.reactor).add(self, _ABORTED)
+
+    def getPeer(self) -> IAddress:
+        """The address of the other end."""
+        return self._peer
+
+    def getHost(self) -> IAddress:
+        """The address of this end."""
+        if self._host is None:
+            self._host = _address_of(self.socket.family, self.socket.getsockname())
+        return self._host
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        """Turn Nagle's algorithm off (``True``) or on."""
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(enabled))
+
+    # -- reactor callbacks -----------------------------------------------------
+
+    def fileno(self) -> int:
+        """The descriptor, -1 once closed."""
+        return -1 if self._closed else self._fd
+
+    def logPrefix(self) -> str:
+        """What log lines of this connection's callbacks are prefixed with."""
+        return "SocketStream"
+
+    def doRead(self) -> None:
+        """Hand what arrived to the protocol; the peer's close or an error closes."""
+        try:
+            data = self.socket.recv(_READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._lost(_LOST)
+            return
+        if not data:
+            self._lost(_DONE)
+            return
+        assert self.protocol is not None
+        self.protocol.dataReceived(data)
+
+    def doWrite(self) -> None:
+        """Finish connecting, or send what is waiting (then close if asked to)."""
+        if self._dial is not None:
+            self._writing = False
+            self.reactor.removeWriter(self)
+            code = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                self._dial_failed(code)
+            else:
+                self._dialed()
+            return
+        pending = self._pending
+        try:
+            sent = self.socket.send(pending[0]) if len(pending) == 1 else self.socket.sendmsg(pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._lost(_LOST)
+            return
+        while pending and sent >= len(pending[0]):
+            sent -= len(pending.pop(0))
+        if pending:
+            if sent:
+                pending[0] = pending[0][sent:]
+            return
+        self._writing = False
+        self.reactor.removeWriter(self)
+        if self.disconnecting:
+            self._lost(_DONE)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor dropped the descriptor (hang-up, error, shutdown): close and tell
+        the protocol, or report the failed connection attempt."""
+        self._reading = self._writing = False
+        if self._dial is not None and not self._closed:
+            try:
+                code = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError as exc:
+                code = exc.errno or errno.ECONNREFUSED
+            self._dial_failed(code or errno.ECONNREFUSED)
+            return
+        self._lost(reason)
+
+    # -- closing -----------------------------------------------------------------
+
+    def _close(self) -> None:
+        """Stop watching the socket and close it (once)."""
+        if self._closed:
+            return
+        if self._reading:
+            self._reading = False
+            self.reactor.removeReader(self)
+        if self._writing:
+            self._writing = False
+            self.reactor.removeWriter(self)
+        self._closed = True
+        self._pending = []
+        self.socket.close()
+
+    def _lost(self, reason: Failure) -> None:
+        """Close and tell the protocol now (the reactor is calling us)."""
+        if self._closed:
+            return
+        self._close()
+        self._notify(reason)
+
+    def _notify(self, reason: Failure) -> None:
+        if not self.connected:
+            return
+        self.connected = False
+        self.disconnecting = False
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            protocol.connectionLost(reason)
+
+
+#: Errors of ``accept()`` that only concern the connection being accepted.
+_ACCEPT_SKIPPED = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+#: Seconds a port stops accepting after running out of descriptors or memory.
+_ACCEPT_PAUSE = 0.1
+
+
+@implementer(IListeningPort, IReadDescriptor)
+class StreamPort:
+    """Accepts connections on a listening stream socket; each is a :class:`SocketStream`.
+
+    What :meth:`reactor.adoptStreamPort` does with Twisted's transports, for
+    the proxy's listeners: up to :attr:`accepts_per_event` connections are
+    accepted per readable event; each gets a protocol from the factory
+    (``buildProtocol`` with the peer address) and, since a client usually
+    sends its request right after connecting, is read from at once instead
+    of a reactor turn later.  Running out of descriptors or memory pauses
+    accepting for :data:`_ACCEPT_PAUSE` s (the pending connections wait in
+    the kernel's backlog).
+
+    Attributes:
+        socket: the listening socket (a duplicate of the adopted descriptor).
+        factory: builds the protocols.
+        accepts_per_event: most connections accepted per readable event.
+    """
+
+    accepts_per_event = 100
+
+    def __init__(self, reactor: Any, sock: socket.SocketType, factory: IProtocolFactory) -> None:
+        self.reactor = reactor
+        self.socket = sock
+        self.factory = factory
+        self._family = int(sock.family)
+        self._fd = sock.fileno()
+        self._host = _address_of(self._family, sock.getsockname())
+        self._listening = False
+        self._paused: IDelayedCall | None = None
+
+    @classmethod
+    def adopt(cls, reactor: Any, fileno: int, family: int, factory: IProtocolFactory) -> StreamPort:
+        """Serve a duplicate of the listening descriptor ``fileno`` (the caller
+        keeps its own); listening starts at once."""
+        sock = socket.fromfd(fileno, family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        port = cls(reactor, sock, factory)
+        port.startListening()
+        return port
+
+    def startListening(self) -> None:
+        """Start the factory and accept connections."""
+        if self._listening:
+            return
+        self._listening = True
+        self.factory.doStart()
+        self.reactor.addReader(self)
+
+    def stopListening(self) -> Deferred[None]:
+        """Stop accepting, close the socket and stop the factory (at once)."""
+        if self._listening:
+            self._listening = False
+            if self._paused is not None:
+                if self._paused.active():
+                    self._paused.cancel()
+                self._paused = None
+            else:
+                self.reactor.removeReader(self)
+            self.socket.close()
+            self.factory.doStop()
+        return succeed(None)
+
+    def getHost(self) -> IAddress:
+        """The address listened on."""
+        return self._host
+
+    def fileno(self) -> int:
+        """The listening descriptor, -1 once closed."""
+        return self._fd if self._listening else -1
+
+    def logPrefix(self) -> str:
+        """What log lines of this port's callbacks are prefixed with."""
+        return "StreamPort"
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor dropped the port (it is shutting down): stop listening."""
+        self._listening = False
+        self.socket.close()
+        self.factory.doStop()
+
+    def doRead(self) -> None:
+        """Accept what is waiting and serve each connection."""
+        family = self._family
+        listener = self.socket
+        factory = self.factory
+        reactor = self.reactor
+        for _ in range(self.accepts_per_event):
+            try:
+                fd, sockaddr = listener._accept()  # type: ignore[attr-defined]
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_SKIPPED:
+                    continue
+                _log.error("cannot accept connections on {port}: {error}", port=self._host, error=str(exc))
+                self._pause()
+                return
+            sock = socket.SocketType(family, socket.SOCK_STREAM, 0, fd)
+            sock.setblocking(False)
+            peer = _address_of(family, sockaddr)
+            protocol = factory.buildProtocol(peer)
+            if protocol is None:
+                sock.close()
+                continue
+            stream = SocketStream(reactor, sock, peer, self._host)
+            stream.attach(protocol)
+            if stream.connected:
+                stream.doRead()
+
+    def _pause(self) -> None:
+        self.reactor.removeReader(self)
+        self._paused = self.reactor.callLater(_ACCEPT_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = None
+        if self._listening:
+            self.reactor.addReader(self)
+
+
+class _LostNotices:
+    """``connectionLost`` calls due on a reactor's next turn, all on one delayed call.
+
+    A transport closed by its protocol tells the protocol on the next turn
+    (as Twisted's transports do); many close in one turn under load, and one
+    delayed call for all of them is much cheaper than one each.  They run in
+    the order the connections closed.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.pending: list[tuple[SocketStream, Failure]] = []
+        self.call: IDelayedCall | None = None
+
+    def add(self, stream: SocketStream, reason: Failure) -> None:
+        """Have ``stream`` tell its protocol about ``reason`` on the next turn."""
+        self.pending.append((stream, reason))
+        if self.call is None:
+            self.call = self.reactor.callLater(0, self._run)
+
+    def _run(self) -> None:
+        self.call = None
+        pending, self.pending = self.pending, []
+        for stream, reason in pending:
+            stream._notify(reason)
+
+
+#: The notices of each reactor streams run on.
+_NOTICES: dict[Any, _LostNotices] = {}
+
+
+def _notices(reactor: Any) -> _LostNotices:
+    notices = _NOTICES.get(reactor)
+    if notices is None:
+        notices = _NOTICES[reactor] = _LostNotices(reactor)
+    return notices
+
+
+def _address_of(family: int, sockaddr: Any) -> IAddress:
+    """The Twisted address of a socket address of ``family``."""
+    if family == socket.AF_INET:
+        return IPv4Address("TCP", sockaddr[0], sockaddr[1])
+    if family == socket.AF_INET6:
+        host = sockaddr[0]
+        if len(sockaddr) == 4 and sockaddr[3]:
+            host = socket.getnameinfo(sockaddr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
+        return IPv6Address("TCP", host, sockaddr[1])
+    return UNIXAddress(sockaddr or None)
+
+
+#: A socket family, the socket address to connect to and the peer address to show.
+_DirectTarget = tuple[int, Any, IAddress]
+#: Most pool keys whose direct target is remembered.
+_DIRECT_TARGETS_KEPT = 1024
+
+
+def _direct_target(key: _PoolKey) -> _DirectTarget | None:
+    """The direct target of a numeric TCP or a unix pool key; ``None`` for a host name
+    or a scoped IPv6 address (the reactor resolves those)."""
+    kind, host, port = key
+    if kind == "unix":
+        return socket.AF_UNIX, host, UNIXAddress(os.fsencode(host))
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        pass
+    else:
+        return socket.AF_INET, (host, port), IPv4Address("TCP", host, port)
+    try:
+        socket.inet_pton(socket.AF_INET6, host)
+    except OSError:
+        return None
+    return socket.AF_INET6, (host, port, 0, 0), IPv6Address("TCP", host, port)
+
+
+def _asks_close(headers: Iterable[tuple[str, str]]) -> bool:
+    """Whether a ``Connection`` header of ``headers`` has the ``close`` token."""
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == "connection":
+            if any(token.strip().lower() == "close" for token in value.split(",")):
+                return True
+    return False
 
 
 def _pool_key(address: Address) -> _PoolKey:
@@ -327,8 +865,8 @@ class _Exchange:
         self.got_bytes = False
         self.response: Response | None = None
         self.body: list[bytes] = []
-        self.timer: Any = client.reactor.callLater(timeout, self._timed_out)
         self.timeout = timeout
+        client.deadlines.set(self, timeout, self._timed_out)
 
     # -- starting ----------------------------------------------------------
 
@@ -342,8 +880,15 @@ class _Exchange:
 
     def _connect(self) -> None:
         self.reused = False
-        factory = _ConnectionFactory(self)
         reactor = self.client.reactor
+        direct = self.client._direct_target(self.key)
+        if direct is not None:
+            family, sockaddr, peer = direct
+            stream = SocketStream.dial(reactor, family, sockaddr, peer, self._dialed, self._dial_failed)
+            self.connector = stream
+            stream.start_dial()
+            return
+        factory = _ConnectionFactory(self)
         kind, host, port = self.key
         # The exchange's own timer bounds connecting too (it stops the
         # connector), so the connector gets no timer of its own.
@@ -363,6 +908,18 @@ class _Exchange:
         self.connection = connection
         connection.exchange = self
         self.connector = None
+
+    def _dialed(self, stream: SocketStream) -> None:
+        """The direct connection is up: give it its protocol, which sends the request."""
+        connection = _ScannerConnection(self.client, self.key)
+        self.connection_built(connection)
+        stream.attach(connection)
+
+    def _dial_failed(self, code: int) -> None:
+        """The direct connection could not be made (``code``: the ``errno``)."""
+        self.connector = None
+        if not self.finished:
+            self._fail(ConnectError(500, f"IO write error: {os.strerror(code)}"))
 
     def connection_made(self, connection: _ScannerConnection) -> None:
         """The new connection is up: send the request."""
@@ -427,8 +984,7 @@ class _Exchange:
 
     def _settle(self) -> None:
         self.finished = True
-        if self.timer.active():
-            self.timer.cancel()
+        self.client.deadlines.cancel(self)
 
     def _succeed(self) -> None:
         assert self.response is not None
@@ -495,6 +1051,9 @@ class ScannerClient:
         idle_timeout: seconds an idle connection is kept before it is closed.
         max_reply: largest reply body accepted, in bytes (a larger reply fails
             with :class:`BadReply` status 413).
+        direct_sockets: connect numeric TCP and unix addresses with
+            :class:`SocketStream` instead of ``connectTCP``/``connectUNIX``
+            (default: when ``reactor`` is a real one, a ``PosixReactorBase``).
     """
 
     def __init__(
@@ -503,14 +1062,33 @@ class ScannerClient:
         max_idle_per_address: int = 4,
         idle_timeout: float = 60.0,
         max_reply: int = 50 * 1024 * 1024,
+        direct_sockets: bool | None = None,
     ) -> None:
         self.reactor = reactor
         self.max_idle_per_address = max_idle_per_address
         self.idle_timeout = idle_timeout
         self.max_reply = max_reply
+        if direct_sockets is None:
+            direct_sockets = isinstance(reactor, PosixReactorBase)
+        self.direct_sockets = direct_sockets
         self._idle: dict[_PoolKey, list[_ScannerConnection]] = {}
         self._connections: set[_ScannerConnection] = set()
         self._reply_limits = HttpLimits(max_message=max_reply)
+        self._direct_targets: dict[_PoolKey, _DirectTarget | None] = {}
+        self.deadlines = Deadlines(reactor)
+
+    def _direct_target(self, key: _PoolKey) -> _DirectTarget | None:
+        """Where a :class:`SocketStream` connects for ``key``, or ``None`` to use the reactor's connect."""
+        if not self.direct_sockets:
+            return None
+        try:
+            return self._direct_targets[key]
+        except KeyError:
+            pass
+        if len(self._direct_targets) >= _DIRECT_TARGETS_KEPT:
+            self._direct_targets.clear()
+        target = self._direct_targets[key] = _direct_target(key)
+        return target
 
     def reply_limits(self) -> HttpLimits:
         """Parser bounds of a reply (``max_reply``), built once while it stays the same."""
@@ -543,14 +1121,9 @@ class ScannerClient:
             ValueError: the address, method, target or a header cannot be used.
         """
         key = _pool_key(address)
-        header_list = list(headers)
+        header_list = headers if isinstance(headers, (list, tuple)) else list(headers)
         payload = (encode_request_head(method, target, header_list, len(body)), body)
-        tokens = {
-            token.strip().lower()
-            for value in header_values(header_list, "Connection")
-            for token in value.split(",")
-        }
-        exchange = _Exchange(self, key, payload, "close" not in tokens, timeout)
+        exchange = _Exchange(self, key, payload, not _asks_close(header_list), timeout)
         exchange.start()
         return exchange.deferred
 
