@@ -770,6 +770,28 @@ class StreamPortTests(unittest.TestCase):
         self.assertEqual((collector.received, factory.made), (b"", []))
 
     @inlineCallbacks
+    def test_failing_protocol_does_not_stop_the_port(self) -> Any:
+        """A protocol raising while it starts is logged and its connection dropped; the
+        port goes on serving."""
+        calls: list[int] = []
+
+        def answer(protocol: _Recorder, data: bytes) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("broken")
+            assert protocol.transport is not None
+            protocol.transport.write(b"fine")
+            protocol.transport.loseConnection()
+
+        _, number = self._serve(_RecorderFactory(answer))
+        first = self._connect(number, b"x")
+        yield first.done
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        second = self._connect(number, b"y")
+        yield second.done
+        self.assertEqual((first.received, second.received), (b"", b"fine"))
+
+    @inlineCallbacks
     def test_stop_listening(self) -> Any:
         """Stopping closes the socket and stops the factory; connections are then refused."""
         factory = _RecorderFactory()

@@ -41,6 +41,11 @@ closed after the reply, as Rspamd does (every reply says ``Connection: close``).
 
 One log line per request names the session tag, the client, the upstreams
 tried, the action and score, the status and the duration.
+
+On a real reactor :meth:`HttpListenerFactory.adopt_stream_port` serves a
+listening descriptor with :class:`~rspamd_tx.upstreams.http_client.StreamPort`
+(less work per connection than Twisted's TCP transport); the listener works
+the same over any transport.
 """
 
 from __future__ import annotations
@@ -191,8 +196,8 @@ def _query_source(target: str) -> str | None:
     return None
 
 
-#: Where a request's headers are screened: (relayed headers as bytes, has ``Key``,
-#: first local source header, first ``Host`` value).
+#: What :func:`_screen` finds: the headers as bytes, whether a ``Key`` is there,
+#: the first local source header and the first ``Host`` value.
 _Screened = tuple[tuple[tuple[bytes, bytes], ...], bool, str | None, str | None]
 
 

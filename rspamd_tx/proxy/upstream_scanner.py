@@ -80,7 +80,7 @@ from rspamd_tx.protocols.compression import (
     reply_is_compressed,
     without_compression_headers,
 )
-from rspamd_tx.protocols.http_codec import HttpLimits, header_value
+from rspamd_tx.protocols.http_codec import HttpLimits
 from rspamd_tx.protocols.httpcrypt import ClientKeys, EncryptedRequest, HttpCryptError
 from rspamd_tx.protocols.keypair import PublicKey
 from rspamd_tx.proxy.scanning import (

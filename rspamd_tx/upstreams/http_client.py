@@ -23,6 +23,11 @@ cancellable: cancelling aborts the connection (or the connection attempt) and
 errbacks with :class:`twisted.internet.defer.CancelledError`.
 
 The reactor is injected (``IReactorTCP``, ``IReactorUNIX``, ``IReactorTime``).
+On a real reactor numeric TCP and unix addresses are connected with
+:class:`SocketStream`, a lean socket transport on the reactor's descriptor
+sets; :class:`StreamPort` serves listening sockets with it (the proxy's HTTP
+listener uses it).  Timeouts of all requests share one timer
+(:class:`~rspamd_tx.upstreams.balancer.Deadlines`).
 """
 
 from __future__ import annotations
@@ -155,9 +160,10 @@ def write_now(transport: Any, *parts: bytes) -> None:
     never a TLS wrapper) that is connected and has nothing buffered, the
     bytes are sent right away (several parts in one gathering ``sendmsg``,
     without joining them); what the socket does not take is buffered as
-    usual.  Any other transport, or a socket error (left for the transport to
-    report on its next write), falls back to ``transport.write``.  The bytes
-    and their order on the wire are the same either way.
+    usual.  A :class:`SocketStream` sends at once by itself.  Any other
+    transport, or a socket error (left for the transport to report on its
+    next write), falls back to ``transport.write``.  The bytes and their order
+    on the wire are the same either way.
     """
     if type(transport) is SocketStream:
         # It sends at once by itself.
@@ -435,6 +441,10 @@ class SocketStream:
                 self._dialed()
             return
         pending = self._pending
+        if not pending:
+            self._writing = False
+            self.reactor.removeWriter(self)
+            return
         try:
             sent = self.socket.send(pending[0]) if len(pending) == 1 else self.socket.sendmsg(pending)
         except BlockingIOError:
@@ -454,8 +464,8 @@ class SocketStream:
             self._lost(_DONE)
 
     def connectionLost(self, reason: Failure) -> None:
-        """The reactor dropped the descriptor (hang-up, error, shutdown): close and tell
-        the protocol, or report the failed connection attempt."""
+        """The reactor dropped the descriptor (hang-up, error, shutdown) and no longer
+        watches it: close and tell the protocol, or report the failed connection attempt."""
         self._reading = self._writing = False
         if self._dial is not None and not self._closed:
             try:
@@ -605,15 +615,27 @@ class StreamPort:
                 return
             sock = socket.SocketType(family, socket.SOCK_STREAM, 0, fd)
             sock.setblocking(False)
-            peer = _address_of(family, sockaddr)
-            protocol = factory.buildProtocol(peer)
-            if protocol is None:
-                sock.close()
-                continue
-            stream = SocketStream(reactor, sock, peer, self._host)
-            stream.attach(protocol)
-            if stream.connected:
-                stream.doRead()
+            stream: SocketStream | None = None
+            try:
+                peer = _address_of(family, sockaddr)
+                protocol = factory.buildProtocol(peer)
+                if protocol is None:
+                    sock.close()
+                    continue
+                stream = SocketStream(reactor, sock, peer, self._host)
+                stream.attach(protocol)
+                if stream.connected:
+                    stream.doRead()
+            except Exception:
+                # One connection's trouble must not stop the port: log it, drop that one.
+                _log.failure("serving a new connection on {port} failed", port=self._host)
+                if stream is None:
+                    sock.close()
+                else:
+                    try:
+                        stream._lost(Failure())
+                    except Exception:
+                        _log.failure("closing the failed connection on {port} failed", port=self._host)
 
     def _pause(self) -> None:
         self.reactor.removeReader(self)
