@@ -14,6 +14,7 @@ from collections.abc import Generator, Sequence
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorUNIX
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
@@ -35,6 +36,7 @@ from rspamd_tx.config.bind import (
 )
 from rspamd_tx.config.tree import ConfigError, Location
 from rspamd_tx.proxy.server import ProxyFactory
+from rspamd_tx.upstreams.http_client import StreamPort
 
 from tests.helpers.net import REPO_ROOT, http_get, ipv6_available, unix_socket_path
 
@@ -404,14 +406,26 @@ class AdoptTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_stream_serves_ping(self) -> Generator[Deferred[Any], Any, None]:
-        """An adopted TCP socket serves the proxy's /ping."""
+        """An adopted TCP socket serves the proxy's /ping, on the listener's own port."""
         sockets = open_listen_sockets(parse("127.0.0.1:0"), {SocketKind.STREAM})
         self.addCleanup(sockets[0].close)
         [port] = adopt_sockets(reactor, sockets, ProxyFactory(reactor), None)
         self.addCleanup(port.stopListening)
+        self.assertIsInstance(port, StreamPort)
         status, body = yield http_get(reactor, "127.0.0.1",
                                       sockets[0].getsockname()[1], "/ping")
         self.assertEqual((status, body), (200, b"pong\r\n"))
+
+    def test_plain_factory_gets_reactor_port(self) -> None:
+        """A factory without a port of its own is served by the reactor's adoptStreamPort."""
+        sockets = open_listen_sockets(parse("127.0.0.1:0"), {SocketKind.STREAM})
+        self.addCleanup(sockets[0].close)
+        [port] = adopt_sockets(reactor, sockets, ClientFactory.forProtocol(Protocol), None)
+        self.addCleanup(port.stopListening)
+        self.assertNotIsInstance(port, StreamPort)
+        host = port.getHost()
+        assert isinstance(host, IPv4Address)
+        self.assertEqual(host.port, sockets[0].getsockname()[1])
 
     @inlineCallbacks
     def test_datagram_gets_own_protocol(self) -> Generator[Deferred[Any], Any, None]:

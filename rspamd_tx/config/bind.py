@@ -578,9 +578,11 @@ def adopt_sockets(
 ) -> list[IListeningPort]:
     """Start serving bound sockets on ``reactor`` (an ``IReactorSocket``).
 
-    Stream sockets go to ``stream_factory``; each datagram socket gets its
-    own protocol from ``datagram_protocol()``. The reactor works on duplicates
-    of the descriptors; the caller keeps (and eventually closes) ``sockets``.
+    Stream sockets go to ``stream_factory`` (through its own
+    ``adopt_stream_port(reactor, fileno, family)`` when it has one, else the
+    reactor's ``adoptStreamPort``); each datagram socket gets its own protocol
+    from ``datagram_protocol()``. The ports work on duplicates of the
+    descriptors; the caller keeps (and eventually closes) ``sockets``.
 
     @raise ConfigError: a socket's kind has no handler.
     """
@@ -597,6 +599,10 @@ def adopt_sockets(
             if stream_factory is None:
                 raise ConfigError(f"{describe_socket(sock)}: this worker does "
                                   f"not serve streams")
-            ports.append(reactor.adoptStreamPort(  # type: ignore[attr-defined]
-                sock.fileno(), sock.family, stream_factory))
+            own_port = getattr(stream_factory, "adopt_stream_port", None)
+            if own_port is not None:
+                ports.append(own_port(reactor, sock.fileno(), sock.family))
+            else:
+                ports.append(reactor.adoptStreamPort(  # type: ignore[attr-defined]
+                    sock.fileno(), sock.family, stream_factory))
     return ports
