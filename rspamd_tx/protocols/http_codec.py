@@ -163,19 +163,22 @@ class _FramingFields:
     content_length: list[str]
     connection: list[str]
 
+    def add(self, lower: str, value: str) -> None:
+        """Note ``value`` of the field named ``lower`` (lower case) if it is a framing field."""
+        if lower in _FRAMING_FIELDS:
+            if lower == "connection":
+                self.connection.append(value)
+            elif lower == "content-length":
+                self.content_length.append(value)
+            else:
+                self.transfer_encoding.append(value)
+
 
 def _framing_fields(headers: Headers) -> _FramingFields:
     """Collect the framing fields of ``headers`` in one pass."""
     fields = _FramingFields([], [], [])
     for name, value in headers:
-        lower = name.lower()
-        if lower in _FRAMING_FIELDS:
-            if lower == "connection":
-                fields.connection.append(value)
-            elif lower == "content-length":
-                fields.content_length.append(value)
-            else:
-                fields.transfer_encoding.append(value)
+        fields.add(name.lower(), value)
     return fields
 
 
@@ -552,13 +555,7 @@ class _MessageParser(ABC):
                     if lower is None:
                         return None
                 value = value.strip(" \t")
-                if lower in _FRAMING_FIELDS:
-                    if lower == "connection":
-                        fields.connection.append(value)
-                    elif lower == "content-length":
-                        fields.content_length.append(value)
-                    else:
-                        fields.transfer_encoding.append(value)
+                fields.add(lower, value)
                 headers.append((name, value))
         self._start_line(line, events)
         self._headers_complete(tuple(headers), events, fields)

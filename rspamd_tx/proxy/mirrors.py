@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -314,21 +314,8 @@ class MirroringScanner:
         """Resolve mirror host names; fires when every mirror's are resolved."""
         self._started = True
         starting = [mirror.balancer.start() for mirror in self.mirrors.values()]
-        done: Deferred[None] = Deferred()
-        remaining = len(starting)
-        if remaining == 0:
-            done.callback(None)
-            return done
-
-        def one(_: object) -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0:
-                done.callback(None)
-
-        for d in starting:
-            d.addBoth(one)
-        return done
+        settled: Deferred[Any] = DeferredList(starting, consumeErrors=True)
+        return settled.addCallback(lambda _: None)
 
     def stop(self) -> None:
         """Cancel the mirror balancers' timers (the shared client is closed by the master scanner)."""

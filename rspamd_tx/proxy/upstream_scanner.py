@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.address import UNIXAddress
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -736,21 +736,8 @@ class UpstreamScanner:
         """Resolve upstream names and start re-resolve timers; fires when resolved."""
         self._started = True
         starting = [b.start() for b in self.backends.values() if b.balancer is not None]
-        done: Deferred[None] = Deferred()
-        remaining = len(starting)
-        if remaining == 0:
-            done.callback(None)
-            return done
-
-        def one(_: object) -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0:
-                done.callback(None)
-
-        for d in starting:
-            d.addBoth(one)
-        return done
+        settled: Deferred[Any] = DeferredList(starting, consumeErrors=True)
+        return settled.addCallback(lambda _: None)
 
     def stop(self) -> Deferred[None]:
         """Cancel balancer timers and close the client's connections."""
