@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import reactor as _reactor
@@ -156,6 +157,23 @@ class RedisBackendTests(unittest.TestCase):
         yield self.backend.apply([add(1, flag=5, value=1)])
         other = yield self.backend.check(digest(1), None)
         self.assertEqual([(same.value, same.flag), (other.value, other.flag)], [(7, 2), (8, 5)])
+
+    @inlineCallbacks
+    def test_weak_add_keeps_another_flag(self) -> Any:
+        """A weak learn sets F only when unset (HSETNX, Rspamd 3.6+); V still accumulates."""
+        yield self.backend.apply([add(1, flag=2, value=3)])
+        yield self.backend.apply([replace(add(1, flag=5, value=4), weak=True)])
+        kept = yield self.backend.check(digest(1), None)
+        yield self.backend.apply([replace(add(2, flag=5, value=6), weak=True)])
+        new = yield self.backend.check(digest(2), None)
+        self.assertEqual([(kept.value, kept.flag), (new.value, new.flag)], [(7, 2), (6, 5)])
+
+    def test_weak_add_commands(self) -> None:
+        """Only the flag command differs between a weak and a strong learn."""
+        strong = self.backend.commands([add(1, flag=5)])
+        weak = self.backend.commands([replace(add(1, flag=5), weak=True)])
+        self.assertEqual((strong[0][0], weak[0][0], strong[1:] == weak[1:]),
+                         ("HSET", "HSETNX", True))
 
     @inlineCallbacks
     def test_del_removes_hash_and_slots(self) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import sqlite3
 from typing import Any
 
@@ -143,6 +144,22 @@ class SqliteBackendTests(unittest.TestCase):
         yield self.backend.apply([add(1, flag=5, value=4)])
         result = yield self.backend.check(digest(1), None)
         self.assertEqual((result.value, result.flag), (4, 5))
+
+    @inlineCallbacks
+    def test_weak_add_keeps_another_flag(self) -> Any:
+        """A weak learn under another flag leaves flag and weight, restarting the lifetime;
+        under the stored flag it adds its weight, and it stores a new digest."""
+        yield self.backend.apply([add(1, flag=2, value=3)])
+        self.clock.advance(100)
+        yield self.backend.apply([replace(add(1, flag=5, value=4), weak=True)])
+        other = yield self.backend.check(digest(1), None)
+        yield self.backend.apply([replace(add(1, flag=2, value=4), weak=True)])
+        same = yield self.backend.check(digest(1), None)
+        yield self.backend.apply([replace(add(2, flag=5, value=6), weak=True)])
+        new = yield self.backend.check(digest(2), None)
+        self.assertEqual([(other.value, other.flag, other.timestamp - START),
+                          (same.value, same.flag), (new.value, new.flag)],
+                         [(3, 2, 100), (7, 2), (6, 5)])
 
     @inlineCallbacks
     def test_del_removes_digest_and_shingles(self) -> Any:

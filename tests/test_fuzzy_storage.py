@@ -312,6 +312,15 @@ class WriteTests(PipelineTestCase):
         self.assertEqual(self.queue.updates, [Update(UpdateKind.ADD, DIGEST, 3, 10, SHINGLES,
                                                      source="127.0.0.1")])
 
+    def test_write_under_weak_id_marked_weak(self) -> None:
+        """A WRITE whose flag is one of ``weak_ids`` is queued weak; other flags and DEL are not."""
+        storage = self.storage(allow_update=(ip_network("127.0.0.1"),), weak_ids=(3, 9))
+        for code, flag in ((Command.WRITE, 3), (Command.WRITE, 4), (Command.DEL, 3)):
+            self.ask(storage, command(code, flag=flag))
+        self.assertEqual([(u.kind, u.flag, u.weak) for u in self.queue.updates],
+                         [(UpdateKind.ADD, 3, True), (UpdateKind.ADD, 4, False),
+                          (UpdateKind.DEL, 3, False)])
+
     def test_delete_accepted(self) -> None:
         """An allowed DEL is queued as DEL."""
         storage = self.storage(allow_update=(ip_network("127.0.0.1"),))

@@ -6,6 +6,7 @@ import hashlib
 import ipaddress
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import given, settings
@@ -522,6 +523,15 @@ class StreamingTests(unittest.TestCase):
             self.assertEqual(slave.state.revision, 1)
         for link in harness.master.links.values():
             self.assertEqual((link.acked, link.lag_revisions()), (1, 0))
+
+    def test_weak_updates_stay_weak(self) -> None:
+        """A weak learn reaches the slave as a weak update; a strong one as strong."""
+        harness = Harness(self)
+        harness.start()
+        harness.write(replace(add(1, 5), weak=True), add(2, 7))
+        applied = harness.backends[0].batches[-1]
+        self.assertEqual([(u.digest, u.weak) for u in applied],
+                         [(digest(1), True), (digest(2), False)])
 
     def test_order_kept_while_backend_is_slow(self) -> None:
         """Batches arriving while one is being stored are applied after it, in order."""

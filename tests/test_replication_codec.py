@@ -29,6 +29,14 @@ ADD_SHINGLES_BYTES = (
     H("01" "00000002" "fffffffffffffffd") + DIGEST_B + H("01")
     + b"".join(value.to_bytes(8, "big") for value in SHINGLES)
 )
+WEAK = rc.UpdateRecord(kind=1, digest=DIGEST_A, flag=7, value=10, weak=True)
+WEAK_SHINGLES = rc.UpdateRecord(kind=1, digest=DIGEST_B, flag=2, value=-3, shingles=SHINGLES,
+                                weak=True)
+WEAK_BYTES = ADD_BYTES[:-1] + H("02")
+WEAK_SHINGLES_BYTES = (
+    H("01" "00000002" "fffffffffffffffd") + DIGEST_B + H("03")
+    + b"".join(value.to_bytes(8, "big") for value in SHINGLES)
+)
 
 # (message, body bytes) for every message type.
 BODIES: list[tuple[object, bytes]] = [
@@ -41,6 +49,8 @@ BODIES: list[tuple[object, bytes]] = [
     (rc.Batch(revision=6, updates=(ADD_SHINGLES,)),
      H("0000000000000006" "00000001") + ADD_SHINGLES_BYTES),
     (rc.Batch(revision=7, updates=()), H("0000000000000007" "00000000")),
+    (rc.Batch(revision=8, updates=(WEAK, WEAK_SHINGLES)),
+     H("0000000000000008" "00000002") + WEAK_BYTES + WEAK_SHINGLES_BYTES),
     (rc.Ack(revision=2**64 - 1), H("ffffffffffffffff")),
     (rc.ResyncBegin(epoch=3, revision=4), H("0000000000000003" "0000000000000004")),
     (rc.ResyncChunk(updates=(ADD,)), H("00000001") + ADD_BYTES),
@@ -151,7 +161,8 @@ class ErrorTests(unittest.TestCase):
             (rc.Batch, H("0000000000000001" "ffffffff") + ADD_BYTES),
             (rc.Batch, H("0000000000000001" "00000001") + ADD_BYTES + b"\x00"),
             (rc.Batch, H("0000000000000001" "00000001") + H("03") + ADD_BYTES[1:]),
-            (rc.Batch, H("0000000000000001" "00000001") + ADD_BYTES[:-1] + H("02")),
+            (rc.Batch, H("0000000000000001" "00000001") + ADD_BYTES[:-1] + H("04")),
+            (rc.Batch, H("0000000000000001" "00000001") + ADD_BYTES[:-1] + H("80")),
             (rc.Batch, H("0000000000000001" "00000001") + ADD_SHINGLES_BYTES[:-1]),
             (rc.ResyncChunk, H("00000001")),
             (rc.ResyncFix, H("00000000") + b"\x00"),

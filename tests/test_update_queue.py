@@ -141,11 +141,12 @@ class SpoolRecordTests(unittest.TestCase):
     @given(kind=st.sampled_from(list(UpdateKind)), flag=st.integers(0, 2**32 - 1),
            value=st.integers(-(2**63), 2**63 - 1), raw=st.binary(min_size=64, max_size=64),
            shingles=st.none() | st.lists(st.integers(0, 2**64 - 1), min_size=32, max_size=32),
-           source=st.text(max_size=40))
+           source=st.text(max_size=40), weak=st.booleans())
     def test_round_trip(self, kind: UpdateKind, flag: int, value: int, raw: bytes,
-                        shingles: list[int] | None, source: str) -> None:
+                        shingles: list[int] | None, source: str, weak: bool) -> None:
         """Every update survives encoding and decoding unchanged."""
-        update = Update(kind, raw, flag, value, tuple(shingles) if shingles else None, source)
+        update = Update(kind, raw, flag, value, tuple(shingles) if shingles else None, source,
+                        weak)
         record = encode_update(update)
         self.assertEqual(decode_update(record[8:]), update)
 
@@ -157,6 +158,15 @@ class SpoolRecordTests(unittest.TestCase):
             decode_update(payload)
         except SpoolError:
             pass
+
+    def test_marks_byte(self) -> None:
+        """Byte 13 of the payload marks shingles (bit 0) and a weak update (bit 1);
+        a record with any other bit set is refused."""
+        weak = encode_update(Update(UpdateKind.ADD, bytes(64), 1, 1, None, "x", True))[8:]
+        plain = encode_update(Update(UpdateKind.ADD, bytes(64), 1, 1, None, "x"))[8:]
+        self.assertEqual((weak[13], plain[13], weak[:13] + weak[14:] == plain[:13] + plain[14:]),
+                         (2, 0, True))
+        self.assertRaises(SpoolError, decode_update, weak[:13] + b"\x04" + weak[14:])
 
     def test_out_of_range_flag_refused(self) -> None:
         """A flag beyond 32 bits cannot be spooled."""

@@ -100,6 +100,8 @@ class Update:
         source: who asked for the update (client address, ``local`` for
             internal REFRESH, a peer name for replicated batches); informative,
             stored only in the update spool.
+        weak: an ADD whose flag is one of the ``weak_ids``: it never replaces
+            the flag of a hash already stored under another flag.
     """
 
     kind: UpdateKind
@@ -108,6 +110,7 @@ class Update:
     value: int = 0
     shingles: Shingles | None = None
     source: str = LOCAL_SOURCE
+    weak: bool = False
 
     def __post_init__(self) -> None:
         if type(self.kind) is not UpdateKind:
@@ -199,7 +202,8 @@ def deduplicate(updates: Sequence[Update]) -> list[Update]:
     * REFRESH after anything: the REFRESH is dropped;
     * DEL after anything: the earlier entry is dropped.
 
-    Returns the surviving updates in their original order.
+    A merged WRITE keeps the first entry's ``weak`` mark (entries of one flag
+    are all weak or all strong).  Returns the surviving updates in their original order.
     """
     kept: list[Update | None] = list(updates)
     seen: dict[bytes, int] = {}

@@ -595,7 +595,11 @@ class RedisFuzzyBackend:
     # -- writes -------------------------------------------------------------
 
     def commands(self, updates: Sequence[Update], source: str = LOCAL_SOURCE) -> list[tuple[Any, ...]]:
-        """The commands of one batch between ``MULTI`` and ``EXEC`` (spec §5.2)."""
+        """The commands of one batch between ``MULTI`` and ``EXEC`` (spec §5.2).
+
+        A weak ADD sets the flag with ``HSETNX``, as Rspamd 3.6+ does: a hash
+        stored under another flag keeps it (its weight still grows).
+        """
         ttl = self._ttl
         now = int(self._clock.seconds())
         commands: list[tuple[Any, ...]] = []
@@ -606,7 +610,7 @@ class RedisFuzzyBackend:
                      if update.shingles is not None else [])
             if update.kind is UpdateKind.ADD:
                 commands += [
-                    ("HSET", key, "F", update.flag),
+                    ("HSETNX" if update.weak else "HSET", key, "F", update.flag),
                     ("HSETNX", key, "C", now),
                     ("HINCRBY", key, "V", update.value),
                     ("EXPIRE", key, ttl),

@@ -300,13 +300,13 @@ def _peer_address(address: IAddress) -> IPAddress | None:
 def to_record(update: Update) -> UpdateRecord:
     """The wire form of a backend update (its informative ``source`` is not sent)."""
     return UpdateRecord(int(update.kind), update.digest, update.flag, update.value,
-                        update.shingles)
+                        update.shingles, update.weak)
 
 
 def to_update(record: UpdateRecord) -> Update:
     """A replicated record as a backend update from :data:`REPLICATION_SOURCE`."""
     return Update(UpdateKind(record.kind), record.digest, record.flag, record.value,
-                  record.shingles, REPLICATION_SOURCE)
+                  record.shingles, REPLICATION_SOURCE, record.weak)
 
 
 def replacing(records: Iterable[UpdateRecord]) -> list[Update]:

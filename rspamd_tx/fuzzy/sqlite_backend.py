@@ -374,7 +374,12 @@ class SqliteFuzzyBackend:
     @staticmethod
     def _add(writer: sqlite3.Connection, update: Update, now: int,
              slots: list[tuple[int, int, int]]) -> None:
-        """Apply one ADD; the shingle rows of a new digest are appended to ``slots``."""
+        """Apply one ADD; the shingle rows of a new digest are appended to ``slots``.
+
+        A stored digest learned again under its flag gains the weight; under
+        another flag it takes the new flag and weight, unless the update is
+        weak: then flag and weight stay and only its lifetime restarts.
+        """
         row = writer.execute(
             "SELECT id, flag FROM digests WHERE digest = ?", (update.digest,)
         ).fetchone()
@@ -384,6 +389,8 @@ class SqliteFuzzyBackend:
                     "UPDATE digests SET value = value + ?, time = ? WHERE id = ?",
                     (update.value, now, row[0]),
                 )
+            elif update.weak:
+                writer.execute("UPDATE digests SET time = ? WHERE id = ?", (now, row[0]))
             else:
                 writer.execute(
                     "UPDATE digests SET value = ?, flag = ?, time = ? WHERE id = ?",

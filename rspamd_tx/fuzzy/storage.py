@@ -20,8 +20,9 @@ source address into the reply bytes, following ``fuzzy-protocol.md`` §10.1:
    * WRITE / DEL: write authorisation (``fuzzy-storage.md`` §3:
      ``read_only``, then ``allow_update`` when configured, else
      ``allow_update_keys`` for encrypted requests, except on a replication
-     slave), ``skip_hashes`` for WRITE (401), then the update is queued and
-     acknowledged at once (``prob`` 1.0, request flag);
+     slave), ``skip_hashes`` for WRITE (401), then the update is queued
+     (a WRITE under one of the ``weak_ids`` marked weak) and acknowledged at
+     once (``prob`` 1.0, request flag);
    * STAT: the stored-hash count as 3.8+ encodes it (``value`` = high 32
      bits, ``flag`` = low 32 bits, ``prob`` 1.0), which 3.4 clients read
      from ``flag``; the count is refreshed by :meth:`FuzzyStorage.refresh_count`;
@@ -269,6 +270,8 @@ class FuzzyPolicy:
         read_only: every write is refused and no REFRESH is queued.
         skip_hashes: digests refused on WRITE and hidden from CHECK (401).
         forbidden_ids: flags whose CHECK hits are answered as misses.
+        weak_ids: flags whose WRITEs never replace the flag of a hash stored
+            under another one.
     """
 
     keypairs: tuple[Keypair, ...] = ()
@@ -281,6 +284,7 @@ class FuzzyPolicy:
     read_only: bool = False
     skip_hashes: frozenset[bytes] = frozenset()
     forbidden_ids: frozenset[int] = frozenset()
+    weak_ids: frozenset[int] = frozenset()
     _by_id: Mapping[bytes, Keypair] = field(init=False, repr=False, compare=False)
     _labels: Mapping[int, str] = field(init=False, repr=False, compare=False)
     _key_writers: Mapping[int, bool] = field(init=False, repr=False, compare=False)
@@ -321,6 +325,7 @@ class FuzzyPolicy:
             read_only=options.read_only,
             skip_hashes=_skip_hashes(options.skip_hashes),
             forbidden_ids=frozenset(options.forbidden_ids),
+            weak_ids=frozenset(options.weak_ids),
         )
 
     def key_for(self, key_id: bytes) -> Keypair | None:
@@ -767,7 +772,8 @@ class FuzzyStorage:
             if command.digest in policy.skip_hashes:
                 return self._answer(request, peer, _SKIPPED, "skipped", command.flag)
             update = Update(_ADD_KIND, command.digest, command.flag, command.value,
-                            command.shingles or None, peer.source)
+                            command.shingles or None, peer.source,
+                            command.flag in policy.weak_ids)
         else:
             update = Update(_DEL_KIND, command.digest, command.flag, 0,
                             command.shingles or None, peer.source)

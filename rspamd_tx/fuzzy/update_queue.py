@@ -22,8 +22,9 @@ the backend received it, crash between storing and recording the spool
 offset) is stored again.
 
 Spool record: ``u32 length, u32 crc32(payload)`` then the payload
-``u8 kind, u32 flag, i64 value, u8 has_shingles, 64-byte digest,
-[32 × u64 shingles], u16 source length, source (UTF-8)``, little-endian.
+``u8 kind, u32 flag, i64 value, u8 marks, 64-byte digest,
+[32 × u64 shingles], u16 source length, source (UTF-8)``, little-endian;
+``marks`` bit 0: shingles follow, bit 1: a weak update (other bits zero).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ _SHINGLES = struct.Struct(f"<{SHINGLE_COUNT}Q")
 _SOURCE_LENGTH = struct.Struct("<H")
 MAX_RECORD = _FIXED.size + _SHINGLES.size + _SOURCE_LENGTH.size + 0xFFFF
 _VALUE_LIMIT = 1 << 63
+_HAS_SHINGLES = 1
+_WEAK = 2
 
 
 class SpoolError(Exception):
@@ -80,8 +83,8 @@ def encode_update(update: Update) -> bytes:
     if not 0 <= update.flag <= 0xFFFFFFFF or not -_VALUE_LIMIT <= update.value < _VALUE_LIMIT \
             or len(source) > 0xFFFF:
         raise SpoolError("update out of the spool record's ranges")
-    payload = _FIXED.pack(int(update.kind), update.flag, update.value,
-                          update.shingles is not None, update.digest)
+    marks = (_HAS_SHINGLES if update.shingles is not None else 0) | (_WEAK if update.weak else 0)
+    payload = _FIXED.pack(int(update.kind), update.flag, update.value, marks, update.digest)
     if update.shingles is not None:
         payload += _SHINGLES.pack(*update.shingles)
     payload += _SOURCE_LENGTH.pack(len(source)) + source
@@ -94,10 +97,12 @@ def decode_update(payload: bytes) -> Update:
     :raises SpoolError: malformed payload.
     """
     try:
-        kind, flag, value, has_shingles, digest = _FIXED.unpack_from(payload)
+        kind, flag, value, marks, digest = _FIXED.unpack_from(payload)
+        if marks & ~(_HAS_SHINGLES | _WEAK):
+            raise SpoolError(f"unknown marks {marks:#x}")
         offset = _FIXED.size
         shingles = None
-        if has_shingles:
+        if marks & _HAS_SHINGLES:
             shingles = _SHINGLES.unpack_from(payload, offset)
             offset += _SHINGLES.size
         (length,) = _SOURCE_LENGTH.unpack_from(payload, offset)
@@ -105,7 +110,8 @@ def decode_update(payload: bytes) -> Update:
         source = payload[offset:offset + length].decode()
         if offset + length != len(payload):
             raise SpoolError("spool record has trailing bytes")
-        return Update(UpdateKind(kind), digest, flag, value, shingles, source)
+        return Update(UpdateKind(kind), digest, flag, value, shingles, source,
+                      weak=bool(marks & _WEAK))
     except (struct.error, ValueError) as error:
         raise SpoolError(f"bad spool record: {error}") from error
 

@@ -43,7 +43,8 @@ Sealed messages
     master's hashes, equal to the master's state at the end ``revision``.
 
 An update record is ``u8 kind ‖ u32 flag ‖ i64 value ‖ 64-byte digest ‖ u8
-has_shingles ‖ [32 × u64 shingles]`` (78 or 334 bytes).
+marks ‖ [32 × u64 shingles]`` (78 or 334 bytes); ``marks`` bit 0: shingles
+follow, bit 1: a weak update (its flag never replaces another); other bits zero.
 
 Every decoding failure raises :class:`ReplicationCodecError` and nothing else.
 """
@@ -110,6 +111,8 @@ _U64 = struct.Struct("!Q")
 _U32 = struct.Struct("!I")
 _PAIR = struct.Struct("!QQ")
 _SHINGLES = struct.Struct(f"!{SHINGLE_COUNT}Q")
+_HAS_SHINGLES = 1
+_WEAK = 2
 _RECORD_MIN = _RECORD_HEAD.size + DIGEST_BYTES + 1
 _RECORD_MAX = _RECORD_MIN + _SHINGLES.size
 MAX_UPDATES_PER_FRAME = (MAX_FRAME_LENGTH - 1 - MAC_BYTES - 1 - _PAIR.size) // _RECORD_MAX
@@ -190,6 +193,7 @@ class UpdateRecord:
         flag: unsigned 32-bit list number.
         value: signed 64-bit weight (ADD adds it; ignored otherwise).
         shingles: 32 unsigned 64-bit values or ``None``.
+        weak: an ADD under one of the master's ``weak_ids``.
     """
 
     kind: int
@@ -197,6 +201,7 @@ class UpdateRecord:
     flag: int
     value: int = 0
     shingles: tuple[int, ...] | None = None
+    weak: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -218,9 +223,10 @@ class UpdateRecord:
     def encode(self) -> bytes:
         """The record's bytes (78, or 334 with shingles)."""
         head = _RECORD_HEAD.pack(self.kind, self.flag, self.value) + self.digest
+        marks = _WEAK if self.weak else 0
         if self.shingles is None:
-            return head + b"\x00"
-        return head + b"\x01" + _SHINGLES.pack(*self.shingles)
+            return head + bytes((marks,))
+        return head + bytes((marks | _HAS_SHINGLES,)) + _SHINGLES.pack(*self.shingles)
 
 
 def _encode_records(records: tuple[UpdateRecord, ...]) -> bytes:
@@ -244,17 +250,17 @@ def _decode_records(body: bytes, offset: int) -> tuple[UpdateRecord, ...]:
         offset += _RECORD_HEAD.size
         digest = body[offset:offset + DIGEST_BYTES]
         offset += DIGEST_BYTES
-        marker = body[offset]
+        marks = body[offset]
         offset += 1
+        if marks & ~(_HAS_SHINGLES | _WEAK):
+            raise ReplicationCodecError(f"bad record marks {marks:#x}")
         shingles: tuple[int, ...] | None = None
-        if marker == 1:
+        if marks & _HAS_SHINGLES:
             if len(body) < offset + _SHINGLES.size:
                 raise ReplicationCodecError("truncated shingles")
             shingles = _SHINGLES.unpack_from(body, offset)
             offset += _SHINGLES.size
-        elif marker != 0:
-            raise ReplicationCodecError(f"bad shingle marker {marker}")
-        records.append(UpdateRecord(kind, digest, flag, value, shingles))
+        records.append(UpdateRecord(kind, digest, flag, value, shingles, bool(marks & _WEAK)))
     if offset != len(body):
         raise ReplicationCodecError(f"{len(body) - offset} trailing bytes after the updates")
     return tuple(records)
