@@ -505,6 +505,14 @@ class FuzzyCheckTests(unittest.TestCase):
         self.assertEqual((options.forbidden_ids, options.weak_ids), ((1, 2), (3,)))
         self.assertEqual((options.allow_update_keys, options.delay), (("a", "b"), 3600.0))
 
+    def test_dedicated_update_worker_warned(self) -> None:
+        """dedicated_update_worker is accepted with a warning naming it; off, nothing is said."""
+        _, diagnostics = self.check("count = 2; dedicated_update_worker = true;\n")
+        self.assertEqual([(d.severity, "dedicated_update_worker has no effect" in d.message)
+                          for d in diagnostics], [("warning", True)])
+        _, quiet = self.check("dedicated_update_worker = false;\n")
+        self.assertEqual(quiet, [])
+
     def test_mask_bounds(self) -> None:
         """A rate limit mask over 32 is an error."""
         _, diagnostics = self.check("ratelimit_network_mask = 33;\n")

@@ -730,7 +730,9 @@ class FuzzyOptions:
     keypair_cache_size: int = option(_UINT, 512, "cached shared keys")
     encrypted_only: bool = option(_BOOL, False, "refuse plaintext commands")
     read_only: bool = option(_BOOL, False, "refuse every write")
-    dedicated_update_worker: bool = option(_BOOL, False, "process 0 only writes")
+    dedicated_update_worker: bool = option(
+        _BOOL, False, "Rspamd: process 0 only writes; no effect here (warned)"
+    )
     blocked: tuple[NetworkEntry, ...] = option(_NETWORKS, (), "sources ignored entirely")
     updates_maxfail: int = option(_UINT, 3, "failed flushes before a batch is dropped")
     skip_hashes: tuple[str, ...] = option(
@@ -1028,6 +1030,15 @@ def _check_worker(
                 "error",
                 f"{where}: replication (slaves or masters) runs in one process: set count = 1",
                 section.location("count") or location,
+            )
+        )
+    if isinstance(options, FuzzyOptions) and options.dedicated_update_worker:
+        diagnostics.append(
+            Diagnostic(
+                "warning",
+                f"{where}: dedicated_update_worker has no effect: every rspamd-tx process"
+                " stores its own updates, off the request path; ignored",
+                section.location("dedicated_update_worker") or location,
             )
         )
     return WorkerConfig(worker_type, common, options)
