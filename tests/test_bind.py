@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorUNIX
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from rspamd_tx.config.bind import (
     DEFAULT_BIND_PORT,
@@ -35,6 +36,10 @@ from rspamd_tx.config.bind import (
     resolve_host,
 )
 from rspamd_tx.config.tree import ConfigError, Location
+from rspamd_tx.config.workers import ProxyOptions
+from rspamd_tx.proxy.failure_policy import FailurePolicyTable
+from rspamd_tx.proxy.milter_listener import MilterFactory
+from rspamd_tx.proxy.scanning import IScanner, ScanReply, ScanRequest
 from rspamd_tx.proxy.server import ProxyFactory
 from rspamd_tx.upstreams.http_client import StreamPort
 
@@ -401,6 +406,16 @@ SYSTEMD_CHILD = textwrap.dedent("""
 """)
 
 
+@implementer(IScanner)
+class _UnusedScanner:
+    """A scanner for listeners that are only served, never asked to scan."""
+
+    name = "unused"
+
+    def scan(self, request: ScanRequest) -> Deferred[ScanReply]:
+        raise AssertionError("no scan expected")
+
+
 class AdoptTests(unittest.TestCase):
     """Bound sockets served by the reactor."""
 
@@ -415,6 +430,15 @@ class AdoptTests(unittest.TestCase):
         status, body = yield http_get(reactor, "127.0.0.1",
                                       sockets[0].getsockname()[1], "/ping")
         self.assertEqual((status, body), (200, b"pong\r\n"))
+
+    def test_milter_listener_gets_stream_port(self) -> None:
+        """The milter listener is served on its own port, as the HTTP listener is."""
+        sockets = open_listen_sockets(parse("127.0.0.1:0"), {SocketKind.STREAM})
+        self.addCleanup(sockets[0].close)
+        factory = MilterFactory(_UnusedScanner(), ProxyOptions(), FailurePolicyTable(), reactor)
+        [port] = adopt_sockets(reactor, sockets, factory, None)
+        self.addCleanup(port.stopListening)
+        self.assertIsInstance(port, StreamPort)
 
     def test_plain_factory_gets_reactor_port(self) -> None:
         """A factory without a port of its own is served by the reactor's adoptStreamPort."""

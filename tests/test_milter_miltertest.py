@@ -29,6 +29,7 @@ from rspamd_tx.proxy.milter_reply import STANDARD_ACTIONS
 from rspamd_tx.proxy.scanning import FailureClass, IScanner, ScanFailure, ScanReply, ScanRequest
 
 from tests.peers.miltertest import FrameRelay, run_miltertest, skip_unless_miltertest
+from tests.helpers.serving import serve_on_loopback
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "data", "milter", "session.lua")
 
@@ -91,9 +92,9 @@ class MiltertestSessionTests(unittest.TestCase):
         factory = MilterFactory(self.scanner, ProxyOptions(), FailurePolicyTable(), reactor,
                                 actions=STANDARD_ACTIONS | {"discard", "quarantine"},
                                 progress_interval=PROGRESS_INTERVAL)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        port, number = serve_on_loopback(reactor, factory)
         self.addCleanup(port.stopListening)
-        self.relay = FrameRelay(reactor, "127.0.0.1", port.getHost().port)
+        self.relay = FrameRelay(reactor, "127.0.0.1", number)
         self.relay_port = self.relay.listen()
         self.addCleanup(self.relay.stop)
 

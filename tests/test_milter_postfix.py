@@ -28,6 +28,7 @@ from tests.peers.postfix import (
     PostfixPeer, SwaksResult, skip_unless_postfix, smtp_session, start_postfix, swaks,
 )
 from tests.peers.rspamd import RspamdPeer, skip_unless_rspamd, start_rspamd
+from tests.helpers.serving import serve_on_loopback
 from tests.test_milter_frames_vs_rspamd import use_private_hs_cache
 
 GTUBE = (
@@ -87,9 +88,9 @@ class PostfixCase(unittest.TestCase):
         for service in worker.services():
             service.startService()
             self.addCleanup(service.stopService)
-        port = reactor.listenTCP(0, worker.stream_factory(), interface="127.0.0.1")
+        port, number = serve_on_loopback(reactor, worker.stream_factory())
         self.addCleanup(port.stopListening)
-        mta: PostfixPeer = yield start_postfix(reactor, f"inet:127.0.0.1:{port.getHost().port}")
+        mta: PostfixPeer = yield start_postfix(reactor, f"inet:127.0.0.1:{number}")
         self.addCleanup(mta.stop)
         return mta
 

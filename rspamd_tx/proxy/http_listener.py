@@ -60,7 +60,6 @@ from typing import Any
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IAddress, IListeningPort
-from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -90,7 +89,7 @@ from rspamd_tx.proxy.scanning import (
     ScanRequest,
 )
 from rspamd_tx.upstreams.balancer import Deadlines
-from rspamd_tx.upstreams.http_client import StreamPort, write_now
+from rspamd_tx.upstreams.http_client import adopt_stream_port, write_now
 
 __all__ = [
     "HttpListenerFactory",
@@ -644,14 +643,9 @@ class HttpListenerFactory(ServerFactory[HttpProxyProtocol]):
     def adopt_stream_port(self, reactor: Any, fileno: int, family: int) -> IListeningPort:
         """Serve this factory on (a duplicate of) the listening descriptor ``fileno``.
 
-        On a real reactor the port is a :class:`~rspamd_tx.upstreams.http_client.StreamPort`,
-        whose connections cost less per request than Twisted's TCP transports;
-        on any other the reactor's own ``adoptStreamPort``.
+        See :func:`~rspamd_tx.upstreams.http_client.adopt_stream_port`.
         """
-        if isinstance(reactor, PosixReactorBase):
-            return StreamPort.adopt(reactor, fileno, family, self)
-        port: IListeningPort = reactor.adoptStreamPort(fileno, family, self)
-        return port
+        return adopt_stream_port(reactor, fileno, family, self)
 
     def update(self, options: ProxyOptions, policy: FailurePolicyTable) -> None:
         """Use new options and policy for connections from now on."""

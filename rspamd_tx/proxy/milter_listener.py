@@ -23,6 +23,10 @@ the :class:`MilterFactory`.
 * A malformed or out-of-order frame, and a close in the middle of a message,
   end that connection with a logged reason and no reply; other connections
   are unaffected.  ``GET /ping`` gets Rspamd's fixed pong.
+
+On a real reactor :meth:`MilterFactory.adopt_stream_port` serves a listening
+descriptor with :class:`~rspamd_tx.upstreams.http_client.StreamPort`, as the
+HTTP listener is served; the listener works the same over any transport.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -66,7 +71,7 @@ from rspamd_tx.proxy.milter_reply import (
 )
 from rspamd_tx.proxy.milter_session import DEFAULT_SPILL_THRESHOLD, MilterSession
 from rspamd_tx.proxy.scanning import FailureClass, IScanner, ScanFailure, ScanReply
-from rspamd_tx.upstreams.http_client import write_now
+from rspamd_tx.upstreams.http_client import SocketStream, adopt_stream_port, write_now
 
 __all__ = ["DEFAULT_PROGRESS_INTERVAL", "MilterFactory", "MilterProtocol"]
 
@@ -123,9 +128,10 @@ class MilterProtocol(Protocol):
         )
         peer = self.transport.getPeer()
         self.peer = str(getattr(peer, "host", peer))
-        if ITCPTransport.providedBy(self.transport):
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None and isinstance(peer, (IPv4Address, IPv6Address)):
             try:
-                self.transport.setTcpNoDelay(True)
+                no_delay(True)
             except OSError:
                 pass
         factory.connections.add(self)
@@ -159,7 +165,7 @@ class MilterProtocol(Protocol):
         back with the next message.
         """
         self._read_size = size
-        if isinstance(self.transport, FileDescriptor):
+        if isinstance(self.transport, (FileDescriptor, SocketStream)):
             self.transport.bufferSize = size
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -406,6 +412,13 @@ class MilterFactory(ServerFactory):
         if ip is None:
             return False
         return any(ip.version == net.version and ip in net for net in self._whitelist)
+
+    def adopt_stream_port(self, reactor: Any, fileno: int, family: int) -> IListeningPort:
+        """Serve this factory on (a duplicate of) the listening descriptor ``fileno``.
+
+        See :func:`~rspamd_tx.upstreams.http_client.adopt_stream_port`.
+        """
+        return adopt_stream_port(reactor, fileno, family, self)
 
     def connection_closed(self, connection: MilterProtocol) -> None:
         """Forget a closed connection; fire :meth:`drain` waiters when none is left."""

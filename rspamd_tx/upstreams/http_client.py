@@ -207,7 +207,7 @@ _LOST = Failure(twisted_error.ConnectionLost())
 _ABORTED = Failure(twisted_error.ConnectionAborted())
 #: ``SO_LINGER`` on, zero seconds: ``close()`` resets the connection.
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
-#: Most bytes taken from the kernel per read event (as Twisted's TCP transport).
+#: Most bytes taken from the kernel per read event by default (as Twisted's TCP transport).
 _READ_SIZE = 65536
 #: Errors of a non-blocking ``connect()`` that mean "not finished yet".
 _CONNECT_PENDING = frozenset({errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY})
@@ -241,7 +241,12 @@ class SocketStream:
         protocol: the protocol it feeds, once attached.
         connected: attached and not closed.
         disconnecting: :meth:`loseConnection` was called and bytes are still waiting.
+        bufferSize: most bytes taken from the kernel per read event (as
+            Twisted's ``FileDescriptor.bufferSize``); a protocol expecting a
+            large upload may raise it.
     """
+
+    bufferSize = _READ_SIZE
 
     def __init__(
         self, reactor: Any, sock: socket.SocketType, peer: IAddress, host: IAddress | None = None
@@ -417,7 +422,7 @@ class SocketStream:
     def doRead(self) -> None:
         """Hand what arrived to the protocol; the peer's close or an error closes."""
         try:
-            data = self.socket.recv(_READ_SIZE)
+            data = self.socket.recv(self.bufferSize)
         except BlockingIOError:
             return
         except OSError:
@@ -645,6 +650,21 @@ class StreamPort:
         self._paused = None
         if self._listening:
             self.reactor.addReader(self)
+
+
+def adopt_stream_port(reactor: Any, fileno: int, family: int,
+                      factory: IProtocolFactory) -> IListeningPort:
+    """Serve ``factory`` on (a duplicate of) the listening descriptor ``fileno``.
+
+    On a real reactor (a ``PosixReactorBase``) the port is a
+    :class:`StreamPort`, whose connections cost less per request than
+    Twisted's TCP transports; on any other the reactor's own
+    ``adoptStreamPort``.
+    """
+    if isinstance(reactor, PosixReactorBase):
+        return StreamPort.adopt(reactor, fileno, family, factory)
+    port: IListeningPort = reactor.adoptStreamPort(fileno, family, factory)
+    return port
 
 
 class _LostNotices:
