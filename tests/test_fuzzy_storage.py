@@ -16,6 +16,7 @@ from twisted.logger import capturedLogs
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from rspamd_tx.address_lists import NetworkSet
 from rspamd_tx.config.schema import HostRef, MapRef
 from rspamd_tx.config.workers import FuzzyOptions
 from rspamd_tx.fuzzy.backend import (
@@ -33,7 +34,6 @@ from rspamd_tx.fuzzy.storage import (
     PEER_CACHE_SIZE,
     FuzzyPolicy,
     FuzzyStorage,
-    NetworkSet,
     UpdateSink,
     key_label,
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from typing import Any
 
 from hypothesis import given, settings
@@ -33,6 +34,8 @@ from rspamd_tx.proxy.milter_session import MessageBuffer
 from rspamd_tx.proxy.scanning import (
     FailureAction, FailureClass, IScanner, ScanFailure, ScanReply, ScanRequest,
 )
+from rspamd_tx.proxy.server import WhitelistNames
+from tests.test_balancer import FakeNameResolver
 
 JSON = ((b"Content-Type", b"application/json"),)
 
@@ -106,7 +109,8 @@ class SessionCase(unittest.TestCase):
         self.logged: list[str] = []
 
         def observe(event: LogEvent) -> None:
-            if "rspamd_tx.proxy" in event.get("log_namespace", ""):
+            namespace = event.get("log_namespace", "")
+            if namespace.startswith(("rspamd_tx.proxy", "rspamd_tx.address_lists")):
                 self.logged.append(formatEvent(event))
 
         globalLogPublisher.addObserver(observe)
@@ -394,12 +398,48 @@ class VerdictTests(SessionCase):
         self.message(protocol)
         self.assertEqual((decode(transport.value()), self.scanner.requests), ([Accept()], []))
 
-    def test_whitelist_ignores_names(self) -> None:
-        """Whitelist host names and maps are not matched, and say so in the log."""
+    def test_whitelist_host_name(self) -> None:
+        """A whitelist host name matches its addresses once they are handed over, not before."""
         factory = self.factory(whitelist=(parse_network_entry("mail.example.net"),))
-        self.assertFalse(factory.whitelisted(ipaddress.ip_address("192.0.2.10")))
-        self.assertTrue(any("whitelist entry" in line and "ignored" in line for line in self.logged),
-                        self.logged)
+        before = factory.whitelisted(ipaddress.ip_address("192.0.2.10"))
+        factory.use_hosts({"mail.example.net": [ipaddress.ip_address("192.0.2.10")]})
+        self.assertEqual((before, factory.whitelist_names(),
+                          factory.whitelisted(ipaddress.ip_address("192.0.2.10")),
+                          factory.whitelisted(ipaddress.ip_address("192.0.2.11"))),
+                         (False, {"mail.example.net"}, True, False))
+
+    def test_whitelist_map_file(self) -> None:
+        """A whitelist map file's networks match (IPv4-mapped clients too); a bad line is
+        logged and skipped; the file is read again on update."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("# relays\n192.0.2.0/28  office\n\n2001:db8::1\nnot-an-address\n")
+        factory = self.factory(whitelist=(parse_network_entry(path),))
+        matched = [factory.whitelisted(ipaddress.ip_address(ip)) for ip in
+                   ("192.0.2.5", "::ffff:192.0.2.5", "2001:db8::1", "192.0.2.100")]
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("192.0.2.100\n")
+        factory.update(factory.options, factory.policy)
+        self.assertEqual((matched, factory.whitelisted(ipaddress.ip_address("192.0.2.100")),
+                          factory.whitelisted(ipaddress.ip_address("192.0.2.5"))),
+                         ([True, True, True, False], True, False))
+        self.assertTrue(any("not-an-address" in line for line in self.logged), self.logged)
+
+    def test_whitelist_names_resolved_by_worker_service(self) -> None:
+        """WhitelistNames resolves the names at start and again after a reload."""
+        factory = self.factory(whitelist=(parse_network_entry("mail.example.net"),))
+        resolver = FakeNameResolver({"mail.example.net": ["192.0.2.10"],
+                                     "relay.example.net": ["2001:db8::25"]})
+        names = WhitelistNames(factory, resolver)
+        names.startService()
+        self.addCleanup(names.stopService)
+        started = factory.whitelisted(ipaddress.ip_address("192.0.2.10"))
+        factory.update(ProxyOptions(whitelist=(parse_network_entry("relay.example.net"),)),
+                       factory.policy)
+        names.refresh()
+        self.assertEqual((started, factory.whitelisted(ipaddress.ip_address("192.0.2.10")),
+                          factory.whitelisted(ipaddress.ip_address("2001:db8::25"))),
+                         (True, False, True))
 
     def test_log_line(self) -> None:
         """Each answered message is logged with its sender, outcome and reply codes."""

@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - depends on the installed extras
 #: and the tests kept clean (``tests.*`` may call trial's unannotated asserts).
 CHECKED = (
     "rspamd_tx/__main__.py",
+    "rspamd_tx/address_lists.py",
     "rspamd_tx/logging.py",
     "rspamd_tx/runtime.py",
     "rspamd_tx/supervisor.py",
@@ -59,6 +60,7 @@ CHECKED = (
     "tests/helpers/messages.py",
     "tests/helpers/net.py",
     "tests/helpers/pid_worker.py",
+    "tests/helpers/serving.py",
     "tests/milter_frames.py",
     "tests/test_balancer.py",
     "tests/test_balancer_health.py",

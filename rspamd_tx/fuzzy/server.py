@@ -28,7 +28,6 @@ settings take effect on restart.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rspamd_tx.address_lists import resolve_names
 from rspamd_tx.config.loader import DEFAULT_DBDIR
 from rspamd_tx.config.tree import ConfigError
 from rspamd_tx.config.workers import FuzzyOptions
@@ -58,12 +58,11 @@ from rspamd_tx.fuzzy.storage import FuzzyStorage, host_names
 from rspamd_tx.fuzzy.update_queue import SPOOL_NAME, UpdateQueue
 from rspamd_tx.metrics import MetricsService
 from rspamd_tx.runtime import process_slot
-from rspamd_tx.upstreams.resolve import resolve_host
 
 if TYPE_CHECKING:
     from rspamd_tx.config.workers import Config, WorkerConfig
 
-__all__ = ["FuzzyLifecycle", "FuzzyWorker", "build_worker", "make_backend", "resolve_names",
+__all__ = ["FuzzyLifecycle", "FuzzyWorker", "build_worker", "make_backend",
            "spool_directory", "spool_file_name"]
 
 log = Logger()
@@ -118,26 +117,6 @@ def spool_directory(options: FuzzyOptions) -> str:
     if path:
         return os.path.dirname(os.path.abspath(path))
     return DEFAULT_DBDIR
-
-
-def resolve_names(name_resolver: Any,
-                  wanted: Iterable[str]) -> Deferred[dict[str, list[IPAddress]]]:
-    """Resolve host names of address lists; names that fail map to ``[]`` (logged)."""
-    names = sorted(set(wanted))
-
-    def addresses(found: list[Any]) -> list[IPAddress]:
-        return list(dict.fromkeys(ipaddress.ip_address(a.host.split("%", 1)[0]) for a in found))
-
-    def one(name: str) -> Deferred[list[IPAddress]]:
-        def failed(failure: Failure) -> list[IPAddress]:
-            log.warn("cannot resolve {name}: {error}", name=name,
-                     error=failure.getErrorMessage())
-            return []
-
-        return resolve_host(name_resolver, name, 0).addCallback(addresses).addErrback(failed)
-
-    gathered = defer.gatherResults([one(name) for name in names])
-    return gathered.addCallback(lambda found: dict(zip(names, found)))
 
 
 class FuzzyLifecycle(Service):

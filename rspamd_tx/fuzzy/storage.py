@@ -44,7 +44,6 @@ Source addresses are :mod:`ipaddress` objects; ``None`` stands for a local
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import random
 from collections import OrderedDict
@@ -58,7 +57,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from rspamd_tx.config.schema import HostRef, MapRef, NetworkEntry
+from rspamd_tx.address_lists import (
+    NetworkSet,
+    networks,
+    normal_address,
+    read_map_lines,
+)
+from rspamd_tx.address_lists import host_names as address_host_names
 from rspamd_tx.config.workers import FuzzyOptions
 from rspamd_tx.fuzzy.backend import (
     LOCAL_SOURCE,
@@ -92,7 +97,6 @@ __all__ = [
     "FuzzyStorage",
     "HandleResult",
     "LOG_INTERVAL",
-    "NetworkSet",
     "RequestCounters",
     "UpdateSink",
     "host_names",
@@ -140,101 +144,16 @@ def key_label(keypair: Keypair) -> str:
     return zbase32.encode(keypair.fuzzy_key_id)
 
 
-def _normal(address: IPAddress) -> IPAddress:
-    """An IPv4-mapped IPv6 address as its IPv4 address; others unchanged."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class NetworkSet:
-    """An immutable set of networks; ``address in networks`` tests membership.
-
-    IPv4-mapped IPv6 addresses match the IPv4 networks.  ``None`` (a local
-    socket) is in no set.
-    """
-
-    networks: tuple[Network, ...] = ()
-
-    def __contains__(self, address: object) -> bool:
-        if not self.networks:
-            return False
-        if not isinstance(address, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-            return False
-        address = _normal(address)
-        return any(
-            address.version == network.version and address in network
-            for network in self.networks
-        )
-
-    def __bool__(self) -> bool:
-        return bool(self.networks)
-
-
-def _read_map_lines(url: str) -> list[str]:
-    """The entries of a local map file (``/path`` or ``file:///path``): one per
-    line, ``#`` comments and blank lines skipped.  Remote maps are not read."""
-    path = url[len("file://"):] if url.startswith("file://") else url
-    if not path.startswith(("/", "./", "../")):
-        log.warn("map {url} is not a local file; ignored", url=url)
-        return []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError as error:
-        log.warn("cannot read map {url}: {error}", url=url, error=str(error))
-        return []
-    entries = []
-    for line in lines:
-        text = line.split("#", 1)[0].strip()
-        if text:
-            entries.append(text.split()[0])
-    return entries
-
-
 def host_names(options: FuzzyOptions) -> set[str]:
     """Host names in the address lists of ``options`` (they need resolving)."""
-    names: set[str] = set()
-    for entries in (options.allow_update, options.delay_whitelist, options.blocked,
-                    options.ratelimit_whitelist):
-        names.update(entry.name for entry in entries if isinstance(entry, HostRef))
-    return names
-
-
-def _networks(entries: Iterable[NetworkEntry],
-              hosts: Mapping[str, Iterable[IPAddress]] | None) -> NetworkSet:
-    """The networks of an address list; host names are looked up in ``hosts``
-    (``None``: not resolved yet, host names match nothing for now)."""
-    out: list[Network] = []
-    for entry in entries:
-        if isinstance(entry, HostRef):
-            if hosts is None:
-                continue
-            addresses = list(hosts.get(entry.name, ()))
-            if not addresses:
-                log.warn("host {name} in an address list does not resolve; ignored",
-                         name=entry.name)
-            out.extend(ipaddress.ip_network(_normal(a)) for a in addresses)
-        elif isinstance(entry, MapRef):
-            for line in _read_map_lines(entry.url):
-                try:
-                    out.append(ipaddress.ip_network(line, strict=False))
-                except ValueError:
-                    log.warn("map {url}: {line!r} is not an address; ignored",
-                             url=entry.url, line=line)
-        else:
-            out.append(entry)
-    return NetworkSet(tuple(out))
+    return address_host_names(options.allow_update, options.delay_whitelist, options.blocked,
+                              options.ratelimit_whitelist)
 
 
 def _skip_hashes(entries: Iterable[str]) -> frozenset[bytes]:
     digests: set[bytes] = set()
     for entry in entries:
-        texts = (_read_map_lines(entry)
+        texts = (read_map_lines(entry)
                  if entry.startswith(("/", "./", "../", "file://", "http://", "https://"))
                  else [entry])
         for text in texts:
@@ -310,17 +229,17 @@ class FuzzyPolicy:
         allow_keys: set[str] = set()
         for entry in () if is_replication_slave(options) else options.allow_update_keys:
             if entry.startswith(("/", "./", "../", "file://")):
-                allow_keys.update(_read_map_lines(entry))
+                allow_keys.update(read_map_lines(entry))
             else:
                 allow_keys.add(entry)
         return cls(
             keypairs=tuple(options.keypairs),
-            allow_update=(_networks(options.allow_update, hosts)
+            allow_update=(networks(options.allow_update, hosts)
                           if options.allow_update else None),
             allow_update_keys=frozenset(allow_keys),
-            blocked=_networks(options.blocked, hosts),
+            blocked=networks(options.blocked, hosts),
             delay=options.delay if options.delay else None,
-            delay_whitelist=_networks(options.delay_whitelist, hosts),
+            delay_whitelist=networks(options.delay_whitelist, hosts),
             encrypted_only=options.encrypted_only,
             read_only=options.read_only,
             skip_hashes=_skip_hashes(options.skip_hashes),
@@ -371,7 +290,7 @@ class FuzzyPolicy:
         peers = self._peers
         peer = peers.get(address)
         if peer is None:
-            normal = None if address is None else _normal(address)
+            normal = None if address is None else normal_address(address)
             peer = _Peer(
                 address=normal,
                 source="unix" if normal is None else str(normal),
@@ -686,7 +605,7 @@ class FuzzyStorage:
                     network_mask=options.ratelimit_network_mask,
                     max_buckets=options.ratelimit_max_buckets,
                     bucket_ttl=options.ratelimit_bucket_ttl,
-                    whitelist=_networks(options.ratelimit_whitelist, hosts),
+                    whitelist=networks(options.ratelimit_whitelist, hosts),
                     log_only=options.ratelimit_log_only)
         self.policy, self.ratelimiter, self._ratelimit_settings = policy, ratelimiter, settings
 

@@ -10,8 +10,9 @@ the :class:`MilterFactory`.
   reply before end of message); nothing else is answered until ``E``.
 * ``E`` scans the message with the :class:`~rspamd_tx.proxy.scanning.IScanner`
   and answers with :func:`~rspamd_tx.proxy.milter_reply.result_replies`.  A
-  message from a ``whitelist`` network is accepted unscanned; one larger than
-  ``max_message`` is not scanned and gets the ``oversize`` failure action.
+  message from a ``whitelist`` address (networks, host names, map files) is
+  accepted unscanned; one larger than ``max_message`` is not scanned and
+  gets the ``oversize`` failure action.
 * While the scanner works, ``p`` (progress) goes out every
   ``progress_interval`` seconds so the MTA's end-of-message timeout does not
   fire.
@@ -34,7 +35,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import socket
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
@@ -45,6 +46,7 @@ from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from rspamd_tx.address_lists import IPAddress, host_names, networks
 from rspamd_tx.config.workers import ProxyOptions
 from rspamd_tx.protocols.milter_codec import MilterConnection, MilterProtocolError, Stage, negotiate
 from rspamd_tx.protocols.milter_events import (
@@ -388,6 +390,7 @@ class MilterFactory(ServerFactory):
         self.spill_threshold = spill_threshold
         self.spill_dir = spill_dir
         self.connections: set[MilterProtocol] = set()
+        self._hosts: Mapping[str, Iterable[IPAddress]] | None = None
         self._drained: list[Deferred[None]] = []
         self.update(options, policy)
 
@@ -398,20 +401,25 @@ class MilterFactory(ServerFactory):
         self.settings = ReplySettings.from_options(
             options, actions=self.actions, server_name=self.server_name
         )
-        self._whitelist = [
-            entry for entry in options.whitelist
-            if isinstance(entry, (ipaddress.IPv4Network, ipaddress.IPv6Network))
-        ]
-        for entry in options.whitelist:
-            if entry not in self._whitelist:
-                _log.warn("milter whitelist entry {entry} is not an address or network; ignored",
-                          entry=entry)
+        self._whitelist = networks(options.whitelist, self._hosts)
+
+    def whitelist_names(self) -> set[str]:
+        """The host names in ``whitelist``: :meth:`use_hosts` wants their addresses."""
+        return host_names(self.options.whitelist)
+
+    def use_hosts(self, hosts: Mapping[str, Iterable[IPAddress]]) -> None:
+        """Match ``whitelist`` host names by these addresses from now on.
+
+        Until the first call (names not resolved yet) host names match
+        nothing; networks and map files match at once.
+        """
+        self._hosts = hosts
+        self._whitelist = networks(self.options.whitelist, hosts)
 
     def whitelisted(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
-        """Whether ``ip`` is in a ``whitelist`` network (host names and maps are not matched)."""
-        if ip is None:
-            return False
-        return any(ip.version == net.version and ip in net for net in self._whitelist)
+        """Whether ``ip`` is in ``whitelist``: its networks, the lines of its map
+        files and the addresses of its host names (see :meth:`use_hosts`)."""
+        return ip in self._whitelist
 
     def adopt_stream_port(self, reactor: Any, fileno: int, family: int) -> IListeningPort:
         """Serve this factory on (a duplicate of) the listening descriptor ``fileno``.

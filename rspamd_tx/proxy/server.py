@@ -13,7 +13,9 @@ A :class:`ProxyWorker` wires one ``worker "rspamd_proxy"`` section together:
   listener (:mod:`rspamd_tx.proxy.milter_listener`), answering the actions the
   configuration's ``actions { }`` registers;
 * :class:`~rspamd_tx.metrics.ProxyMetrics` fed by the balancers, served on the
-  worker's ``metrics`` address when one is configured.
+  worker's ``metrics`` address when one is configured;
+* with the milter listener, :class:`WhitelistNames`, which resolves the host
+  names of ``whitelist`` at start and after each reload.
 
 ``reconfigure`` (SIGHUP) hands the new upstream and mirror blocks to the
 scanners, which keep the state of upstreams that remain (scripts and parsers
@@ -31,6 +33,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from rspamd_tx.address_lists import IPAddress, resolve_names
 from rspamd_tx.config.workers import STANDARD_ACTIONS, GlobalOptions, ProxyOptions
 from rspamd_tx.metrics import MetricsService, ProxyMetrics
 from rspamd_tx.proxy.failure_policy import FailurePolicyTable
@@ -47,6 +50,7 @@ __all__ = [
     "ProxyFactory",
     "ProxyWorker",
     "ScannerService",
+    "WhitelistNames",
     "build_worker",
 ]
 
@@ -71,6 +75,40 @@ class ScannerService(Service):
         if self.mirrors is not None:
             self.mirrors.stop()
         return self.scanner.stop()
+
+
+class WhitelistNames(Service):
+    """Keeps the milter ``whitelist``'s host names resolved: once at start,
+    again after each reload (:meth:`refresh`).  Of overlapping lookups only
+    the latest one is used.
+
+    Args:
+        factory: the milter listener's factory.
+        name_resolver: an ``IHostnameResolver`` (``None``: names stay unresolved).
+    """
+
+    def __init__(self, factory: MilterFactory, name_resolver: Any) -> None:
+        self.factory = factory
+        self.name_resolver = name_resolver
+        self._generation = 0
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self.refresh()
+
+    def refresh(self) -> Deferred[None]:
+        """Resolve the factory's whitelist host names and hand it the addresses."""
+        self._generation += 1
+        generation = self._generation
+        names = self.factory.whitelist_names()
+        if not names or self.name_resolver is None:
+            return succeed(None)
+
+        def use(hosts: dict[str, list[IPAddress]]) -> None:
+            if generation == self._generation:
+                self.factory.use_hosts(hosts)
+
+        return resolve_names(self.name_resolver, names).addCallback(use)
 
 
 class ProxyFactory(HttpListenerFactory):
@@ -126,6 +164,9 @@ class ProxyWorker:
             self._add_health(checker)
         self._milter = options.milter
         self.factory = self._listener_factory(options)
+        self._whitelist_names = (
+            WhitelistNames(self.factory, getattr(reactor, "nameResolver", None))
+            if isinstance(self.factory, MilterFactory) else None)
 
     def _add_health(self, checker: IService) -> None:
         checker.setServiceParent(self._health)
@@ -161,8 +202,11 @@ class ProxyWorker:
         return None
 
     def services(self) -> list[IService]:
-        """The scanner, its health checks and, with ``metrics`` set, the metrics endpoint."""
+        """The scanner, its health checks, the milter whitelist's name lookups and, with
+        ``metrics`` set, the metrics endpoint."""
         services: list[IService] = [ScannerService(self.scanner, self.mirrors), self._health]
+        if self._whitelist_names is not None:
+            services.append(self._whitelist_names)
         if self.options.metrics:
             services.append(MetricsService(self.options.metrics, self.metrics.registry, self.reactor))
         return services
@@ -190,6 +234,8 @@ class ProxyWorker:
         update = getattr(self.factory, "update", None)
         if update is not None:
             update(options, self.policy)
+        if self._whitelist_names is not None and self._whitelist_names.running:
+            self._whitelist_names.refresh()
         if options.milter != self._milter:
             log.warn("switching between milter and HTTP takes effect on restart")
 
