@@ -628,7 +628,8 @@ class ProxyOptions:
         "listen address of the Prometheus metrics endpoint, in bind_socket syntax (rspamd-tx)",
     )
     whitelist: tuple[NetworkEntry, ...] = option(
-        _NETWORKS, (), "clients accepted without scanning (rspamd-tx)"
+        _NETWORKS, (), "milter clients accepted without scanning: networks, host names, map files"
+        " (rmilter)"
     )
     extended_spam_headers: bool = option(
         _BOOL, False, "milter: add X-Spamd-Result and X-Rspamd-Server headers (rspamd-tx)"
