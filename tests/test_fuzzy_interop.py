@@ -24,6 +24,7 @@ from twisted.trial import unittest
 
 from rspamd_tx.config.bind import parse_bind_lines
 from rspamd_tx.fuzzy.server import FuzzyWorker, build_worker
+from rspamd_tx.fuzzy.storage import key_label
 from rspamd_tx.protocols.keypair import Keypair
 from rspamd_tx.runtime import WorkerService, bound_sockets
 from tests.peers.rspamd import RspamdPeer, rspamc, skip_unless_rspamd, start_rspamd
@@ -166,17 +167,34 @@ class RealClientTests(unittest.TestCase):
         self.assertIsNone((yield self.fuzzy_symbol(peer)))
 
     @defer.inlineCallbacks
-    def test_encrypted(self) -> Any:
-        """With our keypair as the rule's ``encryption_key`` learning and checking work
-        while the storage refuses plaintext."""
-        keypair = Keypair.generate()
+    def learn_and_check_encrypted(self, keypair: Keypair, storage_options: str) -> Any:
+        """Learn and check through a rule whose ``encryption_key`` is ``keypair``'s, against
+        a storage refusing plaintext; fires with the storage's per-key statistics."""
         port = yield self.start_storage(
-            f'allow_update = "127.0.0.1"; encrypted_only = true; {keypair_ucl(keypair)}')
+            f'allow_update = "127.0.0.1"; encrypted_only = true; {storage_options}')
         peer = yield self.start_peer(port, f'encryption_key = "{keypair.public.encode()}";')
         code, out = yield self.learn(peer, "fuzzy_add")
         self.assertEqual(code, 0, out)
         yield self.wait_stored(1)
         self.assert_denied((yield self.fuzzy_symbol(peer)))
-        keys = self.storage.statistics()["keys"]
+        return self.storage.statistics()["keys"]
+
+    @defer.inlineCallbacks
+    def test_encrypted(self) -> Any:
+        """With our keypair as the rule's ``encryption_key`` learning and checking work
+        while the storage refuses plaintext."""
+        keypair = Keypair.generate()
+        keys = yield self.learn_and_check_encrypted(keypair, keypair_ucl(keypair))
         self.assertNotIn("unkeyed", keys)
         self.assertGreaterEqual(sum(k["matched"] for k in keys.values()), 1)
+
+    @defer.inlineCallbacks
+    def test_encrypted_with_dynamic_key(self) -> Any:
+        """A storage with no ``keypair`` of its own serves a key from ``dynamic_keys_map``:
+        learning and checking through it work with that key as the rule's ``encryption_key``."""
+        keypair = Keypair.generate()
+        key_map = os.path.abspath(self.mktemp())
+        with open(key_map, "w", encoding="utf-8") as handle:
+            handle.write(f"[ {{ {keypair_ucl(keypair)} }} ]\n")
+        keys = yield self.learn_and_check_encrypted(keypair, f'dynamic_keys_map = "{key_map}";')
+        self.assertEqual(list(keys), [key_label(keypair)])

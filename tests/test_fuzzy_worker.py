@@ -202,7 +202,8 @@ class BuildTests(unittest.TestCase):
         factory = builder.stream_factory()
         self.assertIsInstance(factory, FuzzyStreamFactory)
         self.assertEqual((factory.storage, factory.timeout), (builder.storage, 7.0))
-        self.assertEqual(builder.services(), [builder.lifecycle])
+        self.assertEqual(builder.services(), [builder.key_maps, builder.lifecycle])
+        self.assertEqual(list(builder.key_maps), [])  # no dynamic_keys_map: nothing watched
 
 
 class RunningWorkerTests(unittest.TestCase):
@@ -289,6 +290,33 @@ class RunningWorkerTests(unittest.TestCase):
                                                encode_request(command(tag=2), to_new)], 1)
         self.assertEqual(decode_reply(frame, to_new.nm).tag, 2)
         self.assertEqual(self.builder.statistics()["invalid_requests"], 1)
+
+    @defer.inlineCallbacks
+    def test_dynamic_keys_map_served_and_reloaded(self) -> Any:
+        """Keys from dynamic_keys_map decrypt requests; a reload naming another map
+        swaps them; a reload without the option drops them."""
+        first, second = Keypair.generate(), Keypair.generate()
+        paths = [os.path.abspath(self.mktemp()) for _ in range(2)]
+        for path, pair in zip(paths, (first, second)):
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(f"[ {{ {keypair_ucl(pair)} }} ]\n")
+        yield self.start(f'dynamic_keys_map = "{paths[0]}"; {keypair_ucl(Keypair.generate())}')
+        to_first = ClientEncryption(first.public_key, Keypair.generate())
+        to_second = ClientEncryption(second.public_key, Keypair.generate())
+        [before] = yield tcp_frames(self.port, [encode_request(command(tag=1), to_first)], 1)
+        config, worker = fuzzy_config(f'dbdir = "{self.dbdir}"; dynamic_keys_map = "{paths[1]}";')
+        self.builder.reconfigure(config, worker)
+        yield self.builder.apply_options(worker.options)  # type: ignore[arg-type]
+        [after] = yield tcp_frames(self.port, [encode_request(command(tag=2), to_first),
+                                               encode_request(command(tag=3), to_second)], 1)
+        config, worker = fuzzy_config(f'dbdir = "{self.dbdir}";')
+        self.builder.reconfigure(config, worker)
+        yield self.builder.apply_options(worker.options)  # type: ignore[arg-type]
+        self.assertEqual((decode_reply(before, to_first.nm).tag,
+                          decode_reply(after, to_second.nm).tag,
+                          self.builder.storage.policy.dynamic_keypairs,
+                          list(self.builder.key_maps)),
+                         (1, 3, (), []))
 
     @defer.inlineCallbacks
     def test_stop_stores_queue(self) -> Any:

@@ -18,12 +18,17 @@ One ``worker "fuzzy"`` section becomes a :class:`FuzzyWorker`:
   (:mod:`rspamd_tx.fuzzy.replication`);
 * :class:`FuzzyLifecycle`, the one service that starts these in order and
   stops them in reverse (the queue flushes before the backend closes);
+* with ``dynamic_keys_map``, a :class:`~rspamd_tx.fuzzy.key_maps.DynamicKeys`
+  watcher that hands the map's keypairs to the pipeline whenever it changes
+  (files every ``map_watch_interval × map_file_watch_multiplier`` seconds,
+  HTTP(S) maps every ``map_watch_interval``);
 * with ``metrics``, a :class:`~rspamd_tx.metrics.MetricsService` serving
   the storage's Prometheus registry on ``/metrics``.
 
 ``reconfigure`` (``SIGHUP``) resolves the host names of the new address lists
-and then swaps keypairs, ACLs and policy in one step; backend and queue
-settings take effect on restart.
+and then swaps keypairs, ACLs and policy in one step (the dynamic keypairs
+loaded so far stay; a changed ``dynamic_keys_map`` is watched instead of the
+old one); backend and queue settings take effect on restart.
 """
 
 from __future__ import annotations
@@ -33,18 +38,21 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
-from twisted.application.service import IService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import Agent
 
 from rspamd_tx.address_lists import resolve_names
 from rspamd_tx.config.loader import DEFAULT_DBDIR
 from rspamd_tx.config.tree import ConfigError
 from rspamd_tx.config.workers import FuzzyOptions
 from rspamd_tx.fuzzy.backend import IFuzzyBackend
+from rspamd_tx.fuzzy.key_maps import DynamicKeys
 from rspamd_tx.fuzzy.listeners import FuzzyDatagramProtocol, FuzzyStreamFactory
 from rspamd_tx.fuzzy.ratelimit import IPAddress
 from rspamd_tx.fuzzy.replication import (
@@ -233,6 +241,26 @@ class FuzzyWorker:
         self.factory = FuzzyStreamFactory(self.storage, reactor, options.tcp_timeout)
         self.lifecycle = FuzzyLifecycle(self)
         self._generation = 0
+        self.key_maps = MultiService()
+        self._watch_key_map(options.dynamic_keys_map)
+
+    def _watch_key_map(self, url: str | None) -> None:
+        """Load the keypairs of ``url`` (``dynamic_keys_map``) from now on,
+        instead of any map watched before; ``None``: no dynamic keys."""
+        for old in list(self.key_maps):
+            if isinstance(old, DynamicKeys) and old.url == url:
+                return
+            old.disownServiceParent()
+        if url is None:
+            self.storage.use_dynamic_keys(())
+            return
+        options = self.config.options
+        agent = (Agent(self.reactor) if url.startswith(("http://", "https://"))
+                 and IReactorTCP.providedBy(self.reactor) else None)
+        DynamicKeys(url, self.storage.use_dynamic_keys, self.reactor,
+                    interval=options.map_watch_interval,
+                    file_interval=options.map_watch_interval * options.map_file_watch_multiplier,
+                    agent=agent).setServiceParent(self.key_maps)
 
     def stream_factory(self) -> FuzzyStreamFactory:
         """The TCP factory (one for every stream socket of the worker)."""
@@ -243,8 +271,9 @@ class FuzzyWorker:
         return FuzzyDatagramProtocol(self.storage)
 
     def services(self) -> list[IService]:
-        """The lifecycle service, and the ``/metrics`` endpoint when ``metrics`` is set."""
-        services: list[IService] = [self.lifecycle]
+        """The lifecycle service, the ``dynamic_keys_map`` watcher, and the
+        ``/metrics`` endpoint when ``metrics`` is set."""
+        services: list[IService] = [self.key_maps, self.lifecycle]
         if self.options.metrics:
             services.append(MetricsService(self.options.metrics, self.registry, self.reactor))
         return services
@@ -296,6 +325,7 @@ class FuzzyWorker:
                 self.options.sync, self.options.expire):
             log.warn("fuzzy backend, sync and expire changes take effect on restart")
         self.config, self.worker = config, worker
+        self._watch_key_map(options.dynamic_keys_map)
         self.apply_options(options).addErrback(
             lambda failure: log.failure("fuzzy reconfiguration failed", failure))
 

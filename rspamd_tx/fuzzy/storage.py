@@ -4,8 +4,9 @@
 source address into the reply bytes, following ``fuzzy-protocol.md`` §10.1:
 
 1. **admission**: a source in ``blocked`` is dropped before parsing;
-2. **parse/decrypt** with the configured keypairs (unknown key ids use the
-   default key, the last one); failures get no reply, are counted in
+2. **parse/decrypt** with the configured keypairs, then those of
+   ``dynamic_keys_map`` (unknown key ids use the default key, the last
+   configured one); failures get no reply, are counted in
    ``invalid_requests`` and per source in ``errors_ips``, and logged at most
    once per :data:`LOG_INTERVAL`;
 3. ``encrypted_only`` refuses plaintext commands;
@@ -48,7 +49,7 @@ import os
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol, TypeVar, Union
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -179,6 +180,8 @@ class FuzzyPolicy:
 
     Attributes:
         keypairs: the server keypairs; the last one is the default key.
+        dynamic_keypairs: the keypairs of ``dynamic_keys_map``: found by key
+            id after ``keypairs``, never the default key.
         allow_update: sources allowed to write; ``None`` when not configured.
         allow_update_keys: ``id`` strings (zbase32 of BLAKE2b-512 of the public
             key) of server keys whose clients may write.
@@ -194,6 +197,7 @@ class FuzzyPolicy:
     """
 
     keypairs: tuple[Keypair, ...] = ()
+    dynamic_keypairs: tuple[Keypair, ...] = ()
     allow_update: NetworkSet | None = None
     allow_update_keys: frozenset[str] = frozenset()
     blocked: NetworkSet = NetworkSet()
@@ -213,19 +217,23 @@ class FuzzyPolicy:
         # Per-key facts by id() of our own keypairs: the policy keeps them
         # alive, so an id here cannot stand for another object.
         setattr_ = object.__setattr__
-        setattr_(self, "_by_id", {k.fuzzy_key_id: k for k in self.keypairs})
-        setattr_(self, "_labels", {id(k): key_label(k) for k in self.keypairs})
+        every = (*self.dynamic_keypairs, *self.keypairs)
+        # A static key wins over a dynamic one with the same id.
+        setattr_(self, "_by_id", {k.fuzzy_key_id: k for k in every})
+        setattr_(self, "_labels", {id(k): key_label(k) for k in every})
         setattr_(self, "_key_writers",
-                 {id(k): k.id_string in self.allow_update_keys for k in self.keypairs})
+                 {id(k): k.id_string in self.allow_update_keys for k in every})
         setattr_(self, "_peers", {})
 
     @classmethod
     def from_options(cls, options: FuzzyOptions,
-                     hosts: Mapping[str, Iterable[IPAddress]] | None = None) -> FuzzyPolicy:
-        """The policy of ``options``; host names are looked up in ``hosts``
-        (unresolved ones are logged and left out; ``None`` means not resolved
-        yet), local map files are read.  A replication slave (``masters`` set)
-        lets only ``allow_update`` addresses write, never key holders."""
+                     hosts: Mapping[str, Iterable[IPAddress]] | None = None,
+                     dynamic_keypairs: tuple[Keypair, ...] = ()) -> FuzzyPolicy:
+        """The policy of ``options`` with these dynamic keypairs; host names are
+        looked up in ``hosts`` (unresolved ones are logged and left out;
+        ``None`` means not resolved yet), local map files are read.  A
+        replication slave (``masters`` set) lets only ``allow_update``
+        addresses write, never key holders."""
         allow_keys: set[str] = set()
         for entry in () if is_replication_slave(options) else options.allow_update_keys:
             if entry.startswith(("/", "./", "../", "file://")):
@@ -234,6 +242,7 @@ class FuzzyPolicy:
                 allow_keys.add(entry)
         return cls(
             keypairs=tuple(options.keypairs),
+            dynamic_keypairs=dynamic_keypairs,
             allow_update=(networks(options.allow_update, hosts)
                           if options.allow_update else None),
             allow_update_keys=frozenset(allow_keys),
@@ -248,7 +257,8 @@ class FuzzyPolicy:
         )
 
     def key_for(self, key_id: bytes) -> Keypair | None:
-        """The keypair for a request's 8-byte key id, else the default key."""
+        """The keypair for a request's 8-byte key id (static, then dynamic),
+        else the default key (the last static one; ``None`` without any)."""
         keypair = self._by_id.get(key_id)
         if keypair is None and self.keypairs:
             keypair = self.keypairs[-1]
@@ -577,6 +587,7 @@ class FuzzyStorage:
         self._metrics = _Metrics(self.registry, queue_depth or (lambda: 0.0),
                                  lambda: float(self.stats.fuzzy_stored))
         self.policy = FuzzyPolicy()
+        self._dynamic_keypairs: tuple[Keypair, ...] = ()
         self.ratelimiter: RateLimiter | None = None
         self._ratelimit_settings: tuple[Any, ...] | None = None
         self._nm_cache = NmKeyCache(max(1, options.keypair_cache_size))
@@ -590,7 +601,7 @@ class FuzzyStorage:
 
         The rate limiter keeps its buckets when its settings are unchanged.
         """
-        policy = FuzzyPolicy.from_options(options, hosts)
+        policy = FuzzyPolicy.from_options(options, hosts, self._dynamic_keypairs)
         settings = (options.ratelimit_rate, options.ratelimit_burst,
                     options.ratelimit_network_mask, options.ratelimit_max_buckets,
                     options.ratelimit_bucket_ttl, options.ratelimit_log_only,
@@ -608,6 +619,12 @@ class FuzzyStorage:
                     whitelist=networks(options.ratelimit_whitelist, hosts),
                     log_only=options.ratelimit_log_only)
         self.policy, self.ratelimiter, self._ratelimit_settings = policy, ratelimiter, settings
+
+    def use_dynamic_keys(self, keypairs: tuple[Keypair, ...]) -> None:
+        """Serve ``keypairs`` (a new ``dynamic_keys_map`` load) besides the static
+        keys, from now on and across :meth:`reconfigure`."""
+        self._dynamic_keypairs = tuple(keypairs)
+        self.policy = replace(self.policy, dynamic_keypairs=self._dynamic_keypairs)
 
     # -- the hash count -----------------------------------------------------
 
