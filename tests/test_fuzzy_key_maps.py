@@ -15,7 +15,13 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from rspamd_tx.config.workers import FuzzyOptions
-from rspamd_tx.fuzzy.key_maps import MAX_MAP_SIZE, DynamicKeys, KeyMapError, parse_keypairs
+from rspamd_tx.fuzzy.key_maps import (
+    FETCH_TIMEOUT,
+    MAX_MAP_SIZE,
+    DynamicKeys,
+    KeyMapError,
+    parse_keypairs,
+)
 from rspamd_tx.fuzzy.storage import FuzzyPolicy, FuzzyStorage, key_label
 from rspamd_tx.protocols.fuzzy_codec import (
     ClientEncryption,
@@ -72,8 +78,8 @@ class ParseTests(unittest.TestCase):
                         logs.lines)
 
     def test_not_an_array(self) -> None:
-        """An object, a scalar or broken UCL is refused as a whole."""
-        for text in ('{ pubkey = "x"; }', '"text"', "[ { pubkey = ", ""):
+        """An object, a scalar, broken or absurdly nested UCL is refused as a whole."""
+        for text in ('{ pubkey = "x"; }', '"text"', "[ { pubkey = ", "", "[" * 100_000):
             self.assertRaises(KeyMapError, parse_keypairs, text, "keys.map")
 
 
@@ -179,6 +185,14 @@ class FakeResponse:
         protocol.connectionLost(Failure(ResponseDone()))
 
 
+class StalledResponse(FakeResponse):
+    """A 200 whose body starts and never ends."""
+
+    def deliverBody(self, protocol: Any) -> None:  # noqa: N802 (Twisted API)
+        protocol.makeConnection(self.body)
+        protocol.dataReceived(b"[")
+
+
 class FakeAgent:
     """An ``IAgent`` answering from a list; remembers the requests' headers."""
 
@@ -242,6 +256,22 @@ class HttpMapTests(unittest.TestCase):
         self.assertEqual([("HTTP status 500" in line, "larger than" in line)
                           for line in self.logs.lines if "keeping" in line],
                          [(True, False), (False, True)])
+
+
+    def test_stalled_body_times_out(self) -> None:
+        """A body that stops coming is given up after FETCH_TIMEOUT (transfer stopped,
+        logged); the next interval fetches again."""
+        pair = Keypair.generate()
+        stalled = StalledResponse(200)
+        agent = FakeAgent([stalled, FakeResponse(200, [map_text(pair).encode()])])
+        keys = self.watcher(agent)
+        self.clock.advance(FETCH_TIMEOUT)
+        timed_out = (stalled.body.stopped, len(agent.requests), keys.keypairs)
+        self.clock.advance(INTERVAL - FETCH_TIMEOUT)
+        self.assertEqual(timed_out, (True, 1, ()))
+        self.assertEqual((len(agent.requests), self.loads), (2, [(pair.public_key,)]))
+        self.assertTrue(any("keeping the loaded keys" in line for line in self.logs.lines),
+                        self.logs.lines)
 
 
 class PolicyTests(unittest.TestCase):

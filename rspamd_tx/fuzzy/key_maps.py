@@ -42,7 +42,7 @@ from rspamd_tx.config import ucl
 from rspamd_tx.config.tree import ConfigError
 from rspamd_tx.protocols.keypair import Keypair, KeypairError
 
-__all__ = ["MAX_MAP_SIZE", "DynamicKeys", "KeyMapError", "parse_keypairs"]
+__all__ = ["FETCH_TIMEOUT", "MAX_MAP_SIZE", "DynamicKeys", "KeyMapError", "parse_keypairs"]
 
 log = Logger()
 
@@ -50,7 +50,7 @@ MAX_MAP_SIZE = 1 << 20
 """Largest map body accepted from an HTTP(S) map, in bytes."""
 
 FETCH_TIMEOUT = 30.0
-"""Seconds an HTTP(S) map fetch may take."""
+"""Seconds an HTTP(S) map may take to answer, and again to send its body."""
 
 
 class KeyMapError(Exception):
@@ -69,6 +69,8 @@ def parse_keypairs(text: str, source: str) -> tuple[Keypair, ...]:
         value = ucl.loads("keys = " + text, filename=source)["keys"]
     except ConfigError as error:
         raise KeyMapError(str(error)) from None
+    except RecursionError:
+        raise KeyMapError(f"{source}: nested too deeply") from None
     if not isinstance(value, list):
         raise KeyMapError(f"{source}: the map is not an array of keypairs")
     keypairs: list[Keypair] = []
@@ -89,13 +91,20 @@ def _local_path(url: str) -> str | None:
 
 
 class _CappedBody(Protocol):
-    """Collects a response body, giving up past ``limit`` bytes."""
+    """Collects a response body into :attr:`done`, giving up past ``limit``
+    bytes; cancelling :attr:`done` stops the transfer too."""
 
-    def __init__(self, done: Deferred[bytes], limit: int) -> None:
-        self.done = done
+    def __init__(self, limit: int) -> None:
+        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
         self.limit = limit
         self.parts: list[bytes] = []
         self.size = 0
+
+    def _stop(self) -> None:
+        # A response body's transport is an IPushProducer.
+        stop = getattr(self.transport, "stopProducing", None)
+        if stop is not None:
+            stop()
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
         if self.done.called:
@@ -103,10 +112,7 @@ class _CappedBody(Protocol):
         self.size += len(data)
         if self.size > self.limit:
             self.done.errback(KeyMapError(f"map larger than {self.limit} bytes"))
-            # A response body's transport is an IPushProducer: stop the transfer.
-            stop = getattr(self.transport, "stopProducing", None)
-            if stop is not None:
-                stop()
+            self._stop()
             return
         self.parts.append(data)
 
@@ -224,8 +230,9 @@ class DynamicKeys(Service):
             length = response.length
             if isinstance(length, int) and length > MAX_MAP_SIZE:
                 raise KeyMapError(f"map larger than {MAX_MAP_SIZE} bytes")
-            body: Deferred[bytes] = Deferred()
-            response.deliverBody(_CappedBody(body, MAX_MAP_SIZE))
+            reader = _CappedBody(MAX_MAP_SIZE)
+            response.deliverBody(reader)
+            body = reader.done.addTimeout(FETCH_TIMEOUT, self.clock)
             validators: dict[str, str] = {}
             for name, header in (("If-Modified-Since", b"last-modified"),
                                  ("If-None-Match", b"etag")):
