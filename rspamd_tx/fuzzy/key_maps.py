@@ -67,10 +67,8 @@ def parse_keypairs(text: str, source: str) -> tuple[Keypair, ...]:
     try:
         # A top-level array is not a configuration document; as a value it is.
         value = ucl.loads("keys = " + text, filename=source)["keys"]
-    except ConfigError as error:
+    except ConfigError as error:  # the parser bounds nesting itself
         raise KeyMapError(str(error)) from None
-    except RecursionError:
-        raise KeyMapError(f"{source}: nested too deeply") from None
     if not isinstance(value, list):
         raise KeyMapError(f"{source}: the map is not an array of keypairs")
     keypairs: list[Keypair] = []
