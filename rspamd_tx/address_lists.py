@@ -7,7 +7,8 @@ resolves the host names (:func:`resolve_names`, at start and on reload) and
 turns the list into a :class:`NetworkSet` with :func:`networks`, which also
 reads local map files: one address or network per line, ``#`` comments and
 blank lines skipped.  Remote (HTTP) maps are not read here: they are logged
-and left out.
+and left out.  :class:`MapFilesWatch` tells a worker when one of its map
+files changed, so that it builds its lists again (as Rspamd reloads maps).
 
 IPv4-mapped IPv6 addresses count as their IPv4 address everywhere.
 """
@@ -15,12 +16,16 @@ IPv4-mapped IPv6 addresses count as their IPv4 address everywhere.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -29,9 +34,13 @@ from rspamd_tx.config.schema import HostRef, MapRef, NetworkEntry
 
 __all__ = [
     "IPAddress",
+    "MapFilesWatch",
     "Network",
     "NetworkSet",
+    "file_signature",
     "host_names",
+    "local_map_path",
+    "map_files",
     "networks",
     "normal_address",
     "read_map_lines",
@@ -82,8 +91,8 @@ def read_map_lines(url: str) -> list[str]:
 
     A remote map, or a file that cannot be read, is logged and gives no entries.
     """
-    path = url[len("file://"):] if url.startswith("file://") else url
-    if not path.startswith(("/", "./", "../")):
+    path = local_map_path(url)
+    if path is None:
         log.warn("map {url} is not a local file; ignored", url=url)
         return []
     try:
@@ -98,6 +107,86 @@ def read_map_lines(url: str) -> list[str]:
         if text:
             entries.append(text.split()[0])
     return entries
+
+
+def local_map_path(url: str) -> str | None:
+    """The file of a local map (``/path``, ``./path``, ``../path``,
+    ``file:///path``), ``None`` for any other (remote) map."""
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return path if path.startswith(("/", "./", "../")) else None
+
+
+def file_signature(path: str) -> tuple[int, int, int] | None:
+    """What tells a rewritten file from the one seen before: inode, size and
+    modification time (ns); ``None`` when it cannot be read."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def map_files(*urls: Iterable[str | NetworkEntry]) -> set[str]:
+    """The local files among these map references (``MapRef`` entries of address
+    lists, or map strings)."""
+    paths: set[str] = set()
+    for entries in urls:
+        for entry in entries:
+            url = entry.url if isinstance(entry, MapRef) else entry
+            if isinstance(url, str) and (path := local_map_path(url)) is not None:
+                paths.add(path)
+    return paths
+
+
+class MapFilesWatch(Service):
+    """Calls ``changed()`` when one of the watched map files changes (written,
+    replaced, created or removed), as Rspamd reloads its maps; checked every
+    ``interval`` seconds on ``clock``.  The first check only takes note.
+
+    Args:
+        changed: what to call (its errors are logged, the watch goes on).
+        clock: time (``IReactorTime``).
+        interval: seconds between checks.
+    """
+
+    def __init__(self, changed: Callable[[], object], clock: IReactorTime,
+                 interval: float) -> None:
+        self.changed = changed
+        self.clock = clock
+        self.interval = interval
+        self.paths: frozenset[str] = frozenset()
+        self._seen: dict[str, tuple[int, int, int] | None] = {}
+        self._loop: LoopingCall | None = None
+
+    def watch(self, paths: Iterable[str]) -> None:
+        """Watch these files from now on (their current state is the baseline)."""
+        self.paths = frozenset(paths)
+        self._seen = {path: file_signature(path) for path in self.paths}
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = self.clock
+        self._loop.start(max(self.interval, 0.1), now=False)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    def check(self) -> None:
+        """Call ``changed()`` once if any watched file changed since the last check."""
+        now = {path: file_signature(path) for path in self.paths}
+        changed = sorted(path for path in now if now[path] != self._seen.get(path))
+        self._seen = now
+        if not changed:
+            return
+        log.info("map files changed, reloading: {paths}", paths=", ".join(changed))
+        try:
+            self.changed()
+        except Exception:
+            log.failure("reloading changed maps failed")
 
 
 def host_names(*lists: Iterable[NetworkEntry]) -> set[str]:

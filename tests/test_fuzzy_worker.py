@@ -202,7 +202,7 @@ class BuildTests(unittest.TestCase):
         factory = builder.stream_factory()
         self.assertIsInstance(factory, FuzzyStreamFactory)
         self.assertEqual((factory.storage, factory.timeout), (builder.storage, 7.0))
-        self.assertEqual(builder.services(), [builder.key_maps, builder.lifecycle])
+        self.assertEqual(builder.services(), [builder.key_maps, builder.map_files, builder.lifecycle])
         self.assertEqual(list(builder.key_maps), [])  # no dynamic_keys_map: nothing watched
 
 
@@ -317,6 +317,22 @@ class RunningWorkerTests(unittest.TestCase):
                           self.builder.storage.policy.dynamic_keypairs,
                           list(self.builder.key_maps)),
                          (1, 3, (), []))
+
+    @defer.inlineCallbacks
+    def test_allow_update_map_change_applied(self) -> Any:
+        """When an ``allow_update`` map file changes the new list applies at the next
+        check of the map files, without a reload."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("127.0.0.2\n")
+        yield self.start(f'allow_update = "{path}";')
+        refused = yield udp_exchange(self.port, command(Command.WRITE, flag=1))
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("127.0.0.2\n127.0.0.1  # this host\n")
+        self.assertEqual(self.builder.map_files.paths, {path})
+        self.builder.map_files.check()
+        accepted = yield udp_exchange(self.port, command(Command.WRITE, flag=1))
+        self.assertEqual((refused.value, accepted.prob), (403, 1.0))
 
     @defer.inlineCallbacks
     def test_stop_stores_queue(self) -> Any:

@@ -18,8 +18,10 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from rspamd_tx.config import ucl
 from rspamd_tx.config.schema import parse_network_entry
-from rspamd_tx.config.workers import FailurePolicy, ProxyOptions
+from rspamd_tx.config.tree import UclObject
+from rspamd_tx.config.workers import FailurePolicy, ProxyOptions, check_config
 from rspamd_tx.protocols.milter_codec import MtaDecoder
 from rspamd_tx.protocols.milter_events import (
     Abort, Accept, AddHeader, AddRecipient, BodyChunk, ChangeFrom, ChangeHeader, Command,
@@ -34,7 +36,7 @@ from rspamd_tx.proxy.milter_session import MessageBuffer
 from rspamd_tx.proxy.scanning import (
     FailureAction, FailureClass, IScanner, ScanFailure, ScanReply, ScanRequest,
 )
-from rspamd_tx.proxy.server import WhitelistNames
+from rspamd_tx.proxy.server import WhitelistNames, build_worker
 from tests.test_balancer import FakeNameResolver
 
 JSON = ((b"Content-Type", b"application/json"),)
@@ -424,6 +426,25 @@ class VerdictTests(SessionCase):
                           factory.whitelisted(ipaddress.ip_address("192.0.2.5"))),
                          ([True, True, True, False], True, False))
         self.assertTrue(any("not-an-address" in line for line in self.logged), self.logged)
+
+    def test_whitelist_map_change_read_by_worker(self) -> None:
+        """The proxy worker watches the whitelist's map files: a change is read at the next
+        check, without a reload."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("192.0.2.0/28\n")
+        config, _ = check_config(UclObject(ucl.loads(
+            f'worker "rspamd_proxy" {{ milter = yes; whitelist = "{path}"; }}')))
+        worker = build_worker(config, config.workers[0], self.clock)
+        factory = worker.factory
+        assert isinstance(factory, MilterFactory)
+        before = factory.whitelisted(ipaddress.ip_address("198.51.100.1"))
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("192.0.2.0/28\n198.51.100.0/24\n")
+        worker.map_files.check()
+        self.assertEqual((worker.map_files.paths, before,
+                          factory.whitelisted(ipaddress.ip_address("198.51.100.1"))),
+                         ({path}, False, True))
 
     def test_whitelist_names_resolved_by_worker_service(self) -> None:
         """WhitelistNames resolves the names at start and again after a reload."""

@@ -63,6 +63,7 @@ CHECKED = (
     "tests/helpers/pid_worker.py",
     "tests/helpers/serving.py",
     "tests/milter_frames.py",
+    "tests/test_address_lists.py",
     "tests/test_balancer.py",
     "tests/test_balancer_health.py",
     "tests/test_bind.py",

@@ -25,6 +25,10 @@ One ``worker "fuzzy"`` section becomes a :class:`FuzzyWorker`:
 * with ``metrics``, a :class:`~rspamd_tx.metrics.MetricsService` serving
   the storage's Prometheus registry on ``/metrics``.
 
+Map files named in the address lists (``allow_update``, ``blocked``…,
+``skip_hashes``, ``allow_update_keys``) are watched: when one changes the
+policy is built again, as on a reload.
+
 ``reconfigure`` (``SIGHUP``) resolves the host names of the new address lists
 and then swaps keypairs, ACLs and policy in one step (the dynamic keypairs
 loaded so far stay; a changed ``dynamic_keys_map`` is watched instead of the
@@ -47,7 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent
 
-from rspamd_tx.address_lists import resolve_names
+from rspamd_tx.address_lists import MapFilesWatch, map_files, resolve_names
 from rspamd_tx.config.loader import DEFAULT_DBDIR
 from rspamd_tx.config.tree import ConfigError
 from rspamd_tx.config.workers import FuzzyOptions
@@ -216,6 +220,8 @@ class FuzzyWorker:
         backend, queue, storage: the parts described in the module docstring.
         registry: Prometheus registry of the storage's metrics.
         lifecycle: the :class:`FuzzyLifecycle` service.
+        key_maps: the ``dynamic_keys_map`` watcher (one child service, or none).
+        map_files: the watch on the address lists' map files.
     """
 
     def __init__(self, config: Config, worker: WorkerConfig, reactor: Any,
@@ -243,6 +249,16 @@ class FuzzyWorker:
         self._generation = 0
         self.key_maps = MultiService()
         self._watch_key_map(options.dynamic_keys_map)
+        global_options = config.options
+        self.map_files = MapFilesWatch(
+            self._maps_changed, reactor,
+            global_options.map_watch_interval * global_options.map_file_watch_multiplier)
+        self.map_files.watch(_map_paths(options))
+
+    def _maps_changed(self) -> None:
+        """A map file of the address lists changed: build the policy again."""
+        self.apply_options(self.options).addErrback(
+            lambda failure: log.failure("reloading changed maps failed", failure))
 
     def _watch_key_map(self, url: str | None) -> None:
         """Load the keypairs of ``url`` (``dynamic_keys_map``) from now on,
@@ -271,9 +287,10 @@ class FuzzyWorker:
         return FuzzyDatagramProtocol(self.storage)
 
     def services(self) -> list[IService]:
-        """The lifecycle service, the ``dynamic_keys_map`` watcher, and the
-        ``/metrics`` endpoint when ``metrics`` is set."""
-        services: list[IService] = [self.key_maps, self.lifecycle]
+        """The lifecycle service, the ``dynamic_keys_map`` watcher, the watch on
+        the address lists' map files, and the ``/metrics`` endpoint when
+        ``metrics`` is set."""
+        services: list[IService] = [self.key_maps, self.map_files, self.lifecycle]
         if self.options.metrics:
             services.append(MetricsService(self.options.metrics, self.registry, self.reactor))
         return services
@@ -326,6 +343,7 @@ class FuzzyWorker:
             log.warn("fuzzy backend, sync and expire changes take effect on restart")
         self.config, self.worker = config, worker
         self._watch_key_map(options.dynamic_keys_map)
+        self.map_files.watch(_map_paths(options))
         self.apply_options(options).addErrback(
             lambda failure: log.failure("fuzzy reconfiguration failed", failure))
 
@@ -333,6 +351,12 @@ class FuzzyWorker:
         """Store what the queue holds, then re-read the hash count."""
         d: Deferred[Any] = defer.maybeDeferred(self.queue.flush)
         return d.addCallback(lambda _: self.storage.refresh_count())
+
+
+def _map_paths(options: FuzzyOptions) -> set[str]:
+    """The local map files of the worker's address and key lists."""
+    return map_files(options.allow_update, options.blocked, options.delay_whitelist,
+                     options.ratelimit_whitelist, options.skip_hashes, options.allow_update_keys)
 
 
 def build_worker(config: Config, worker: WorkerConfig, reactor: Any) -> FuzzyWorker:

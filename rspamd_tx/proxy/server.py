@@ -15,7 +15,9 @@ A :class:`ProxyWorker` wires one ``worker "rspamd_proxy"`` section together:
 * :class:`~rspamd_tx.metrics.ProxyMetrics` fed by the balancers, served on the
   worker's ``metrics`` address when one is configured;
 * with the milter listener, :class:`WhitelistNames`, which resolves the host
-  names of ``whitelist`` at start and after each reload.
+  names of ``whitelist`` at start and after each reload, and a watch on its
+  map files (:class:`~rspamd_tx.address_lists.MapFilesWatch`): the list is
+  read again when one changes.
 
 ``reconfigure`` (SIGHUP) hands the new upstream and mirror blocks to the
 scanners, which keep the state of upstreams that remain (scripts and parsers
@@ -33,7 +35,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from rspamd_tx.address_lists import IPAddress, resolve_names
+from rspamd_tx.address_lists import IPAddress, MapFilesWatch, map_files, resolve_names
 from rspamd_tx.config.workers import STANDARD_ACTIONS, GlobalOptions, ProxyOptions
 from rspamd_tx.metrics import MetricsService, ProxyMetrics
 from rspamd_tx.proxy.failure_policy import FailurePolicyTable
@@ -136,6 +138,7 @@ class ProxyWorker:
         policy: the failure policy table.
         metrics: this process's metrics.
         factory: the stream listener's factory.
+        map_files: the watch on the milter ``whitelist``'s map files.
     """
 
     def __init__(self, config: Config | None, worker: WorkerConfig | None, reactor: Any) -> None:
@@ -167,6 +170,16 @@ class ProxyWorker:
         self._whitelist_names = (
             WhitelistNames(self.factory, getattr(reactor, "nameResolver", None))
             if isinstance(self.factory, MilterFactory) else None)
+        self.map_files = MapFilesWatch(
+            self._maps_changed, reactor,
+            global_options.map_watch_interval * global_options.map_file_watch_multiplier)
+        self.map_files.watch(map_files(options.whitelist) if options.milter else ())
+
+    def _maps_changed(self) -> None:
+        """A map file of the milter ``whitelist`` changed: read the list again."""
+        update = getattr(self.factory, "update", None)
+        if update is not None:
+            update(self.options, self.policy)
 
     def _add_health(self, checker: IService) -> None:
         checker.setServiceParent(self._health)
@@ -202,11 +215,11 @@ class ProxyWorker:
         return None
 
     def services(self) -> list[IService]:
-        """The scanner, its health checks, the milter whitelist's name lookups and, with
-        ``metrics`` set, the metrics endpoint."""
+        """The scanner, its health checks, the milter whitelist's name lookups and map
+        file watch and, with ``metrics`` set, the metrics endpoint."""
         services: list[IService] = [ScannerService(self.scanner, self.mirrors), self._health]
         if self._whitelist_names is not None:
-            services.append(self._whitelist_names)
+            services += [self._whitelist_names, self.map_files]
         if self.options.metrics:
             services.append(MetricsService(self.options.metrics, self.metrics.registry, self.reactor))
         return services
@@ -236,6 +249,7 @@ class ProxyWorker:
             update(options, self.policy)
         if self._whitelist_names is not None and self._whitelist_names.running:
             self._whitelist_names.refresh()
+        self.map_files.watch(map_files(options.whitelist) if self._milter else ())
         if options.milter != self._milter:
             log.warn("switching between milter and HTTP takes effect on restart")
 
