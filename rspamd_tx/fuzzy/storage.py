@@ -48,11 +48,12 @@ from __future__ import annotations
 import os
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol, TypeVar, Union
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import CounterMetricFamily
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
@@ -479,13 +480,18 @@ class FuzzyStats:
 
 
 class _Metrics:
-    """The Prometheus view of the storage, in its own registry."""
+    """The Prometheus view of the storage, in its own registry.
+
+    Request counts are plain integers bumped per request on the reactor
+    thread and turned into the ``rspamd_tx_fuzzy_requests_total`` counter
+    family when the registry is collected (a scrape), so counting costs one
+    dict update instead of a locked counter.
+    """
 
     def __init__(self, registry: CollectorRegistry, depth: Callable[[], float],
                  stored: Callable[[], float]) -> None:
-        self.requests = Counter(
-            "rspamd_tx_fuzzy_requests", "Fuzzy requests by command and outcome",
-            ["command", "outcome"], registry=registry)
+        self._counts: dict[tuple[int | None, str], int] = {}
+        registry.register(self)
         self.queue_depth = Gauge(
             "rspamd_tx_fuzzy_queue_depth", "Updates waiting to be stored", registry=registry)
         self.queue_depth.set_function(depth)
@@ -493,15 +499,25 @@ class _Metrics:
             "rspamd_tx_fuzzy_stored_hashes", "Last known number of stored hashes",
             registry=registry)
         self.stored.set_function(stored)
-        self._increments: dict[tuple[int | None, str], Callable[[], None]] = {}
 
     def count(self, code: int | None, outcome: str) -> None:
         """Count one request with command ``code`` (``None``: not parsed) and ``outcome``."""
-        increment = self._increments.get((code, outcome))
-        if increment is None:
-            name = "unknown" if code is None else _command_name(code)
-            increment = self._increments[(code, outcome)] = self.requests.labels(name, outcome).inc
-        increment()
+        key = (code, outcome)
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """The request counts as a counter family (the registry's collector API)."""
+        family = CounterMetricFamily(
+            "rspamd_tx_fuzzy_requests", "Fuzzy requests by command and outcome",
+            labels=["command", "outcome"])
+        totals: dict[tuple[str, str], int] = {}
+        for (code, outcome), value in self._counts.items():
+            labels = ("unknown" if code is None else _command_name(code), outcome)
+            totals[labels] = totals.get(labels, 0) + value
+        for labels, value in sorted(totals.items()):
+            family.add_metric(list(labels), value)
+        yield family
 
 
 def _command_name(code: int) -> str:
